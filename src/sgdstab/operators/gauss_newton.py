@@ -1,0 +1,37 @@
+"""The Gauss-Newton matrix G = (1/n) sum_i J_i^T Lambda_i J_i, applied matrix-free.
+
+For square loss Lambda_i = I and G = (1/n) J^T J (SPEC.md section 1); for cross-entropy
+Lambda_i = diag(p_i) - p_i p_i^T, the generalized Gauss-Newton of Schraudolph (2002).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.linearization import ChunkLinearization
+from sgdstab.problem import Problem, output_hessian
+
+
+class GaussNewtonOperator(LinearOperator):
+    def __init__(self, problem: Problem, theta: Tensor | None = None):
+        super().__init__(problem.num_params, problem.dtype, problem.device)
+        self.problem = problem
+        self.theta = (problem.parameters() if theta is None else theta).detach()
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        result = torch.zeros_like(columns)
+        for x, _ in self.problem.chunks():
+            chunk = ChunkLinearization(lambda t: self.problem.forward(t, x), self.theta)
+            curvature = output_hessian(self.problem.loss_name, chunk.outputs.detach())
+            for j, column in enumerate(columns.T):
+                jv = chunk.jvp(column)
+                if curvature is not None:
+                    jv = (curvature @ jv.unsqueeze(-1)).squeeze(-1)
+                result[:, j] += chunk.vjp(jv)
+        return result / self.problem.num_samples
+
+
+def gauss_newton(problem: Problem, theta: Tensor | None = None) -> GaussNewtonOperator:
+    """The Gauss-Newton matrix of ``problem`` at ``theta`` (default: the model's parameters)."""
+    return GaussNewtonOperator(problem, theta)

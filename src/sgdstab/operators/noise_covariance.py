@@ -1,0 +1,37 @@
+"""The single-sample SGD noise covariance Sigma = (1/n) sum_i g_i g_i^T - g g^T, matrix-free.
+
+SPEC.md section 1 (Wu, Wang & Su 2022): g_i is the gradient of sample i's loss, g their mean.
+Mini-batch noise is p_B * Sigma. Per-sample gradients are never stored: with c_i = g_i^T v (a JVP
+of the per-sample losses), Sigma v = (1/n) sum_i c_i g_i - g (g^T v), and the sum is one VJP of
+the per-sample losses weighted by c.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.linearization import ChunkLinearization
+from sgdstab.problem import Problem
+
+
+class NoiseCovarianceOperator(LinearOperator):
+    def __init__(self, problem: Problem, theta: Tensor | None = None):
+        super().__init__(problem.num_params, problem.dtype, problem.device)
+        self.problem = problem
+        self.theta = (problem.parameters() if theta is None else theta).detach()
+        self.mean_gradient = problem.gradient(self.theta)
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        result = torch.zeros_like(columns)
+        for x, y in self.problem.chunks():
+            chunk = ChunkLinearization(lambda t: self.problem.per_sample_losses(t, x, y), self.theta)
+            for j, column in enumerate(columns.T):
+                result[:, j] += chunk.vjp(chunk.jvp(column))
+        result /= self.problem.num_samples
+        return result - torch.outer(self.mean_gradient, self.mean_gradient @ columns)
+
+
+def noise_covariance(problem: Problem, theta: Tensor | None = None) -> NoiseCovarianceOperator:
+    """Sigma of ``problem`` at ``theta`` (default: the model's parameters); batch noise is p_B Sigma."""
+    return NoiseCovarianceOperator(problem, theta)
