@@ -116,3 +116,18 @@ def test_operator_at_given_theta_differs_from_current_parameters():
     shifted = problem.parameters() + 0.3
     truth = torch.func.hessian(dense_loss(problem))(shifted)
     assert torch.allclose(hessian(problem, theta=shifted).to_dense(), truth, atol=1e-12)
+
+
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_hessian_with_cached_graph_matches_and_stays_correct_over_calls(cache_graph):
+    problem = make_problem("cnn", "mse", chunk_size=3)
+    truth = torch.func.hessian(dense_loss(problem))(problem.parameters())
+    operator = hessian(problem, cache_graph=cache_graph)
+    probes = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    for _ in range(2):  # the second call reuses the cached graphs
+        assert torch.allclose(operator @ probes, truth @ probes, atol=1e-12)
+
+
+def test_cache_graph_needs_double_backward():
+    with pytest.raises(ValueError, match="double_backward"):
+        hessian(make_problem("mlp", "mse"), backend="forward_over_reverse", cache_graph=True)

