@@ -27,8 +27,19 @@ test: install
 run: install
 	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)
 
-bench: install
-	$(PY) benchmarks/run_all.py
+# Peers live only in their own environment, installed with torch in one pip command so pip
+# cannot swap in a CUDA build.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet "$(TORCH_PIN)" pyhessian curvlinops-for-pytorch==3.0.1 numpy scipy
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps -e .
+	$(BENCH_VENV)/bin/pip install --quiet "$(TORCH_PIN)" typer rich matplotlib scikit-learn
+	@touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	$(PY) benchmarks/stability.py
+	$(BENCH_VENV)/bin/python benchmarks/curvature.py
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(BENCH_VENV) results
