@@ -1,0 +1,62 @@
+"""The sample-space NTK K = J J^T against a Jacobian built densely by torch.func.jacrev."""
+import pytest
+import torch
+
+from sgdstab import Problem
+from sgdstab.sample_space import block_congruence, gram_matrix, gram_spectrum
+
+
+def _mlp_problem(num_outputs: int, n: int = 9, chunk_size: int = 4, seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, num_outputs)).double()
+    inputs = torch.randn(n, 3, dtype=torch.float64)
+    return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
+
+
+def _dense_jacobian(problem: Problem, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(problem.parameters())
+
+
+@pytest.mark.parametrize("num_outputs", [1, 3])
+@pytest.mark.parametrize("max_jacobian_entries", [2**27, 200, 1])
+def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_entries):
+    # Stored J; panels recomputed per pass (4 samples for C=1, 1 for C=3); the floor of one sample.
+    problem = _mlp_problem(num_outputs)
+    jacobian = _dense_jacobian(problem, problem._inputs)
+    gram = gram_matrix(problem, max_jacobian_entries=max_jacobian_entries)
+    torch.testing.assert_close(gram, jacobian @ jacobian.T, rtol=1e-12, atol=1e-12)
+
+
+def test_gram_matrix_from_loader_matches_tensors():
+    problem = _mlp_problem(2)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(problem._inputs, problem._targets), batch_size=4, shuffle=False
+    )
+    from_loader = Problem.from_loader(problem.model, loader)
+    torch.testing.assert_close(gram_matrix(from_loader, max_jacobian_entries=50), gram_matrix(problem))
+
+
+def test_gram_matrix_refuses_when_k_does_not_fit():
+    problem = _mlp_problem(3)
+    with pytest.raises(MemoryError, match=r"27 x 27.*max_gram_entries=100; try this"):
+        gram_matrix(problem, max_gram_entries=100, hint="try this")
+
+
+def test_spectrum_keeps_the_range_only():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2, bias=False).double()  # p = 6 < nC = 20: rank 6
+    inputs = torch.randn(10, 3, dtype=torch.float64)
+    problem = Problem(model, inputs, torch.zeros(10, 2, dtype=torch.float64))
+    gram = gram_matrix(problem)
+    spectrum = gram_spectrum(gram, 2)
+    assert spectrum.rank == 6
+    reconstructed = spectrum.vectors @ torch.diag(spectrum.values) @ spectrum.vectors.T
+    torch.testing.assert_close(reconstructed, gram, rtol=1e-10, atol=1e-10)
+
+
+def test_block_congruence_equals_explicit_block_diagonal():
+    torch.manual_seed(2)
+    vectors = torch.randn(12, 5, dtype=torch.float64)
+    blocks = torch.randn(4, 3, 3, dtype=torch.float64)
+    explicit = vectors.T @ torch.block_diag(*blocks) @ vectors
+    torch.testing.assert_close(block_congruence(vectors, blocks), explicit)
