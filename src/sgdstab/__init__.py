@@ -3,6 +3,7 @@
 Implements Wu, Wang & Su, "The alignment property of SGD noise and how it helps select flat
 minima: a stability analysis" (NeurIPS 2022); see README.md for a tour.
 """
+from sgdstab.alignment import AlignmentResult, alignment
 from sgdstab.data import DatasetNotFoundError, load_dataset
 from sgdstab.estimators import (
     exact_eigenvalues,
@@ -20,9 +21,19 @@ from sgdstab.io import RunFolder
 from sgdstab.models import build_model
 from sgdstab.operators import DenseOperator, LinearOperator, gauss_newton, hessian, noise_covariance, ntk
 from sgdstab.problem import Problem, ProblemError
+from sgdstab.stability import (
+    SimulationResult,
+    StabilityResult,
+    batch_noise_factor,
+    simulate_linearized_sgd,
+    stability,
+)
+from sgdstab.summary import CurvatureSummary, curvature_summary
 from sgdstab.training import TrainResult, train
 
 __all__ = [
+    "AlignmentResult", "CurvatureSummary", "SimulationResult", "StabilityResult", "alignment",
+    "batch_noise_factor", "curvature_summary", "simulate_linearized_sgd", "stability",
     "DatasetNotFoundError", "DenseOperator", "LinearOperator", "Problem", "ProblemError", "RunFolder",
     "TrainResult", "build_model", "exact_eigenvalues", "exact_frobenius_norm", "exact_spectral_density",
     "exact_trace", "frobenius_norm", "gauss_newton", "hessian", "hutchpp_trace", "load_dataset",

@@ -1,0 +1,269 @@
+"""The ``sgdstab`` command line: a thin layer, one library call per command.
+
+    sgdstab reproduce   sgdstab.experiments.reproduce (E1-E5 of Wu, Wang & Su 2022, then the report)
+    sgdstab train       sgdstab.experiments.runs.train_run (GD/SGD in a run folder)
+    sgdstab measure     sgdstab.summary.curvature_summary (lambda_max, top-k, tr H, ||H||_F, density, mu)
+    sgdstab stability   sgdstab.stability.stability (every threshold of SPEC.md section 3)
+    sgdstab report      sgdstab.report.write_report
+
+``measure`` and ``stability`` read a run folder made by ``train``/``reproduce``, or
+``--problem module:function``, a function of no arguments returning a ``sgdstab.Problem``, so
+users analyse their own models. A bad input (lr <= 0, B > n, an unknown model or data set, a
+missing file) exits with status 2 and a one-line reason on stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import pickle
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sgdstab.io import dumps
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Curvature, SGD noise alignment and linear stability of SGD (Wu, Wang & Su, NeurIPS 2022).")
+console = Console()
+errors = Console(stderr=True)
+
+@app.callback()
+def main(threads: int = typer.Option(
+    1, help="torch CPU threads (0: torch's default). One is fastest for the small ops of SGD on a shared CPU; "
+            "raise it for large models.")) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+#: Exceptions that mean "the input is wrong", not "the program is wrong": reported in one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, MemoryError, ImportError, AttributeError, pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        errors.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _emit(data: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(dumps(data, indent=2))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in data.items():
+        if isinstance(value, (list, tuple)) and len(value) > 8:
+            value = f"[{len(value)} values]"
+        elif isinstance(value, float):
+            value = f"{value:.6g}"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """Bars on stderr, drawn only once a task is added: an input error before that stays one line."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=errors)
+    try:
+        yield bar
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+# ------------------------------------------------------------------------------------- reproduce
+@app.command()
+def reproduce(
+    scale: str = typer.Option("quick", help="quick: CPU, MNIST subset, small nets. full: CIFAR-10, VGG/ResNet, GPU. "
+                                            "smoke: seconds, to check an installation."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these experiments: E2, or E1,E3; repeatable."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data folder (e.g. the parent of cifar-10-batches-py)."),
+    out: Path = typer.Option(Path("results/quick"), help="Suite folder: results/<run>."),
+    device: Optional[str] = typer.Option(None, help="Device for every experiment (cpu, cuda, ...)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: E2.lrs=[0.02,0.05] or data.n=300; repeatable."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
+) -> None:
+    """Run the experiments E1-E5 (resuming finished runs) and write report.md / report.html in --out."""
+    from sgdstab.experiments import reproduce as run_suite
+
+    with user_errors(), progress_bar() as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            name = label.split()[0]
+            if name not in tasks:
+                bar.start()
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done, description=label)
+
+        chosen = [name for item in only or [] for name in item.split(",") if name]
+        analyses = run_suite(out, scale=scale, only=chosen, data_dir=str(data_dir) if data_dir else None,
+                             device=device, overrides=set_ or (), progress=progress)
+    verdicts = {name: {"holds": a["holds"], "checks": a["checks"]} for name, a in analyses.items()}
+    if as_json:
+        typer.echo(dumps(verdicts, indent=2))
+        return
+    from sgdstab.report import VERDICTS
+
+    table = Table(title=f"verdicts ({out}/report.html)")
+    for column in ("experiment", "verdict", "evidence"):
+        table.add_column(column)
+    for name, verdict in verdicts.items():
+        table.add_row(name, VERDICTS[verdict["holds"]], "\n".join(c["detail"] for c in verdict["checks"]))
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------- train
+def _parse_model_args(pairs: list[str]) -> dict[str, Any]:
+    parsed = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise ValueError(f"--model-arg takes KEY=VALUE (e.g. width=64), got {pair!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., help="Run folder to write (config.json, checkpoint.pt, metrics.jsonl, final.json)."),
+    model: str = typer.Option("mlp", help="Model family: linear, deep_linear, random_features, mlp, vgg, resnet."),
+    model_arg: Optional[list[str]] = typer.Option(None, help="Model argument KEY=VALUE (e.g. width=64); repeatable."),
+    dataset: str = typer.Option("mnist", help="Data set: synthetic, digits, mnist, fashion_mnist, cifar10."),
+    n: int = typer.Option(500, help="Number of training samples."),
+    classes: str = typer.Option("0,1", help="Comma-separated class ids to keep ('' for all)."),
+    targets: str = typer.Option("pm1", help="Targets: pm1 (two classes), onehot."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data folder (default: the data set's own)."),
+    lr: float = typer.Option(0.02, help="Learning rate eta > 0."),
+    batch_size: int = typer.Option(8, help="Batch size B (0: full-batch GD)."),
+    sampling: str = typer.Option("with_replacement", help="with_replacement or without_replacement."),
+    max_steps: int = typer.Option(10_000, help="Most parameter updates."),
+    loss_goal: float = typer.Option(1e-4, help="Stop once the loss is at most this."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and the batches."),
+    device: str = typer.Option("cpu", help="Device."),
+    dtype: str = typer.Option("float32", help="float32 or float64."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a model by GD or SGD into a run folder that `measure` and `stability` can read."""
+    from sgdstab.experiments.config import DTYPES, DataConfig, ModelConfig
+    from sgdstab.experiments.runs import TrainSpec, train_run
+
+    with user_errors():
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        class_ids = tuple(int(c) for c in classes.split(",")) if classes.strip() else None
+        spec = TrainSpec(data=DataConfig(dataset, n, class_ids, targets, str(data_dir) if data_dir else None, seed),
+                         model=ModelConfig(model, _parse_model_args(model_arg or [])), lr=lr,
+                         batch_size=batch_size or None, sampling=sampling, max_steps=max_steps, loss_goal=loss_goal,
+                         seed=seed, device=device, dtype=dtype)
+        with progress_bar() as bar:
+            task = bar.add_task("training", total=max_steps)
+
+            def progress(row: dict) -> None:
+                bar.start()
+                bar.update(task, completed=row["step"], description=f"training  loss {row['loss']:.3g}")
+
+            final = train_run(out, spec, progress=progress)
+    _emit(final["train"], as_json, f"trained into {out}")
+
+
+# ------------------------------------------------------------------------------------- measure / stability
+def load_problem(run: Optional[Path], problem: Optional[str], device: Optional[str] = None):
+    """The Problem to analyse: a run folder, or ``module:function`` returning a Problem."""
+    from sgdstab.experiments.runs import load_run
+    from sgdstab.problem import Problem
+
+    if (run is None) == (problem is None):
+        raise ValueError("give either a run folder or --problem module:function (exactly one)")
+    if run is not None:
+        return load_run(run, device)[0]
+    module_name, separator, function_name = problem.partition(":")
+    if not separator or not module_name or not function_name:
+        raise ValueError(f"--problem takes module:function (e.g. mymodels:make_problem), got {problem!r}")
+    # The current folder first, as `python -m` does, so a user's own module is found.
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    made = getattr(importlib.import_module(module_name), function_name)()
+    if not isinstance(made, Problem):
+        raise ValueError(f"{problem} returned a {type(made).__name__}, not a sgdstab.Problem")
+    return made
+
+
+@app.command()
+def measure(
+    run: Optional[Path] = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
+    problem: Optional[str] = typer.Option(None, help="module:function returning a sgdstab.Problem."),
+    top_k: int = typer.Option(5, help="Number of top eigenvalues."),
+    num_probes: int = typer.Option(100, help="Hutchinson probes for tr H and ||H||_F."),
+    operator: str = typer.Option("hessian", help="hessian or gauss_newton."),
+    alignment: str = typer.Option("exact", help="Alignment factor mu: exact, stochastic or none."),
+    density: bool = typer.Option(True, help="Spectral density by stochastic Lanczos quadrature."),
+    seed: int = typer.Option(0, help="Seed of the random probes."),
+    device: Optional[str] = typer.Option(None, help="Device to load a run folder on."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Curvature summary at a point: lambda_max, top-k, tr H, ||H||_F, spectral density, mu."""
+    from sgdstab.summary import curvature_summary
+
+    with user_errors():
+        loaded = load_problem(run, problem, device)
+        with console.status("measuring", spinner="dots") if not as_json else contextlib.nullcontext():
+            summary = curvature_summary(loaded, top_k=top_k, num_probes=num_probes, seed=seed, density=density,
+                                        operator=operator, alignment=None if alignment == "none" else alignment)
+    _emit(summary.to_dict(), as_json, f"curvature summary ({operator})")
+
+
+@app.command()
+def stability(
+    run: Optional[Path] = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
+    problem: Optional[str] = typer.Option(None, help="module:function returning a sgdstab.Problem."),
+    lr: float = typer.Option(..., help="Learning rate eta at which to test stability."),
+    batch_size: int = typer.Option(..., help="Batch size B."),
+    sampling: str = typer.Option("with_replacement", help="with_replacement or without_replacement."),
+    device: Optional[str] = typer.Option(None, help="Device to load a run folder on."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Linear stability of SGD(lr, B) at a minimum, with the threshold of every criterion."""
+    from sgdstab.stability import stability as linear_stability
+
+    with user_errors():
+        loaded = load_problem(run, problem, device)
+        with warnings.catch_warnings(record=True), (
+            console.status("analysing", spinner="dots") if not as_json else contextlib.nullcontext()
+        ):
+            result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
+    data = dataclasses.asdict(result)
+    if not as_json:
+        data.update({f"threshold {k}": v for k, v in data.pop("thresholds").items()})
+        data["warnings"] = "; ".join(data["warnings"]) or "none"
+    _emit({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}, as_json,
+          f"linear stability of SGD(eta={lr:g}, B={batch_size})")
+
+
+@app.command()
+def report(results: Path = typer.Argument(..., help="A suite folder written by `sgdstab reproduce`.")) -> None:
+    """Re-render report.md, report.html and the figures of a suite folder."""
+    from sgdstab.report import write_report
+
+    with user_errors():
+        paths = write_report(results)
+    typer.echo("\n".join(str(p) for p in paths))

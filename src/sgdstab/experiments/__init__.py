@@ -1,0 +1,119 @@
+"""The experiments E1-E5 of Wu, Wang & Su (NeurIPS 2022) as named recipes (SPEC.md section 4).
+
+Each recipe module has ``NAME``, ``TITLE``, ``CLAIM``, a frozen ``Config``, ``default_config(scale)``
+for the "quick" (CPU) and "full" (CIFAR-10, GPU) scales, and ``run(config, root, progress)``,
+which trains and measures in resumable run folders under ``root/<NAME>/`` and writes the
+verdict to ``root/<NAME>/analysis.json``. ``reproduce`` runs a suite and writes the report.
+
+A third scale, "smoke", shrinks the quick configs to seconds (a few dozen MNIST samples, nets
+of a few units): it checks an installation and is what the tests run. Its verdicts mean little.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
+from sgdstab.experiments.config import SCALES, MeasureConfig, ModelConfig, override, quick_data, to_dict
+from sgdstab.experiments.e5_criteria import Minimum
+from sgdstab.experiments.runs import Progress, no_progress
+from sgdstab.io import read_json, write_json_atomic
+from sgdstab.report import write_report
+
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria)}
+SUITE_CONFIG = "config.json"
+
+
+def configure(scale: str = "quick", only: Sequence[str] | None = None, data_dir: str | None = None,
+              device: str | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The configs of the chosen experiments at ``scale``, with suite-wide and per-field changes.
+
+    ``overrides``: "E2.lrs=[0.02,0.05]" or "E1.data.n=300" (value parsed as JSON), or without the
+    experiment prefix ("data.n=300") to apply to every chosen experiment that has the field.
+    """
+    if scale not in (*SCALES, "smoke"):
+        raise ValueError(f"unknown scale {scale!r}; choose one of {(*SCALES, 'smoke')}")
+    names = list(EXPERIMENTS) if not only else [name.upper() for name in only]
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if scale == "smoke":
+        configs = {name: config for name, config in smoke_configs().items() if name in names}
+    else:
+        configs = {name: EXPERIMENTS[name].default_config(scale) for name in names}
+    for name, config in configs.items():
+        if data_dir is not None:
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=str(data_dir)))
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        configs[name] = config
+    for item in overrides:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"an override is KEY=VALUE, e.g. E2.lrs=[0.02,0.05]; got {item!r}")
+        head, _, rest = key.partition(".")
+        if head.upper() in EXPERIMENTS:
+            if head.upper() not in configs:
+                raise ValueError(f"override {item!r} is for {head.upper()}, which is not being run")
+            configs[head.upper()] = override(configs[head.upper()], rest, value)
+        else:
+            touched = [name for name in configs if _has_field(configs[name], key)]
+            if not touched:
+                raise ValueError(f"no chosen experiment has a setting {key!r}")
+            for name in touched:
+                configs[name] = override(configs[name], key, value)
+    return configs
+
+
+def smoke_configs() -> dict[str, Any]:
+    """The quick configs shrunk to seconds per experiment (see the module docstring)."""
+    quick = {name: module.default_config("quick") for name, module in EXPERIMENTS.items()}
+    data = quick_data(n=40)
+    mlp = ModelConfig("mlp", {"width": 8, "activation": "tanh"})
+    measure = MeasureConfig(num_probes=8, density=True, density_probes=1, density_steps=8)
+    return {
+        "E1": dataclasses.replace(
+            quick["E1"], data=data, max_steps=40, measure_every=20,
+            families=(ModelConfig("linear", label="linear"), ModelConfig("vgg", {"depth": [1], "width": 2}, label="CNN")),
+            lrs=(0.002, 0.01)),
+        "E2": dataclasses.replace(quick["E2"], data=data, model=mlp, lrs=(0.05, 0.1, 50.0), batch_sizes=(4,),
+                                  max_steps=600, loss_goal=1e-2, measure=measure),
+        "E3": dataclasses.replace(quick["E3"], data=data, model=mlp, widths=(4, 8), ns=(20, 40), lr=0.05,
+                                  batch_size=4, max_steps=600, gd_max_steps=600, loss_goal=1e-2, measure=measure),
+        "E4": dataclasses.replace(quick["E4"], data=data, model=mlp, gd_lr=0.05, gd_loss_goal=1e-3, escape_steps=8,
+                                  repeats=3, linearized_chains=20, bootstrap=20, settle_steps=600,
+                                  settle_loss_goal=1e-2, measure=measure),
+        "E5": dataclasses.replace(quick["E5"], data=quick_data(n=30), model=mlp, minima=(Minimum("GD", 0.05),),
+                                  batch_sizes=(2,), loss_goal=1e-3, simulation_steps=20, simulation_chains=20,
+                                  bisection_steps=2),
+    }
+
+
+def _has_field(config: Any, key: str) -> bool:
+    head, _, rest = key.partition(".")
+    if head not in {f.name for f in dataclasses.fields(config)}:
+        return False
+    return not rest or not dataclasses.is_dataclass(getattr(config, head)) or _has_field(getattr(config, head), rest)
+
+
+def reproduce(out: str | os.PathLike, scale: str = "quick", only: Sequence[str] | None = None,
+              data_dir: str | None = None, device: str | None = None, overrides: Iterable[str] = (),
+              progress: Progress = no_progress) -> dict[str, dict]:
+    """Run the chosen experiments into ``out`` (resuming finished runs) and write the report there.
+
+    ``out/config.json`` keeps every experiment's scale and config (merged with earlier calls
+    that ran other experiments into the same folder). Returns the analysis of each experiment run.
+    """
+    configs = configure(scale, only, data_dir, device, overrides)
+    out = Path(out)
+    suite_path = out / SUITE_CONFIG
+    suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
+    suite["experiments"].update({name: {"scale": scale, "config": to_dict(config)} for name, config in configs.items()})
+    write_json_atomic(suite_path, suite)
+    analyses = {name: EXPERIMENTS[name].run(config, out, progress) for name, config in configs.items()}
+    write_report(out)
+    return analyses

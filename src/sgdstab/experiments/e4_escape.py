@@ -1,0 +1,200 @@
+"""E4: exponential escape of SGD from a sharp minimum (Wu, Wang & Su 2022; SPEC.md sections 3-4).
+
+Gradient descent (small eta, no noise) finds a minimum; SGD then starts there with a learning rate
+chosen so that the one-step factor
+
+    q = eta^2 p_B mu ||H||_F^2 > 1
+
+(mu the alignment factor at the minimum). Linearised, E L~_{t+1} >= q L~_t at every step, so the
+log of the mean loss over independent SGD runs grows at least by log q per step until the
+nonlinearity takes over. ``stability`` gives the rigorous factor with mu_min and the exact rate
+log rho(T). One run then goes on until it converges again, at a flatter minimum that should
+satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, full_data, preset, quick_data, to_dict
+from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
+from sgdstab.experiments.runs import (
+    Progress, TrainSpec, check, execute, no_progress, overall, quiet_stability, run_training, save_analysis,
+    spec_config,
+)
+from sgdstab.stability import batch_noise_factor, simulate_linearized_sgd
+from sgdstab.summary import curvature_summary
+
+NAME = "E4"
+TITLE = "Exponential escape from a sharp minimum"
+CLAIM = ("From a sharp minimum found by GD, SGD with eta^2 p_B mu ||H||_F^2 > 1 escapes with log-loss growing "
+         "linearly at a rate >= log(eta^2 p_B mu ||H||_F^2), then settles at a flatter minimum that satisfies the bound.")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    gd_lr: float
+    gd_max_steps: int = 8000
+    gd_loss_goal: float = 1e-5  # deep enough for ~7 nats of escape before the loss leaves the linear regime
+    gd_eval_every: int = 10  # full-data loss checks between GD steps: each one is a pass and a metrics row
+    batch_size: int = 1
+    sampling: str = "with_replacement"
+    escape_factor: float = 2.0  # q = eta^2 p_B mu ||H||_F^2 that sets the SGD learning rate
+    sgd_lr: float | None = None  # set to override the learning rate derived from escape_factor
+    escape_steps: int = 30
+    repeats: int = 32
+    linearized_chains: int = 500  # chains of linearised SGD (stability.simulate_linearized_sgd) from the same start
+    fit_max_loss: float = 1e-2  # the slope is fitted while the mean loss is below this (linear regime)
+    bootstrap: int = 200  # resamples of the runs for the standard error of the measured slope
+    settle_steps: int = 10_000
+    settle_loss_goal: float = 2e-4
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def default_config(scale: str) -> Config:
+    # n = 250: GD minima are sharper at smaller n (E3), and the escape needs one sharper than SGD tolerates.
+    quick = Config(data=quick_data(n=250), model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}), gd_lr=0.03)
+    full = Config(data=full_data(), model=ModelConfig("vgg", {"depth": 11, "width": 16}), gd_lr=0.01,
+                  gd_max_steps=50_000, batch_size=8, settle_steps=100_000,
+                  measure=MeasureConfig(alignment="stochastic"), device="cuda")
+    return preset(scale, quick, full)
+
+
+def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
+    total = config.repeats + 1
+    progress(f"{NAME} GD to a sharp minimum", 0, total)
+    gd_spec = TrainSpec(data=config.data, model=config.model, lr=config.gd_lr, batch_size=None,
+                        max_steps=config.gd_max_steps, loss_goal=config.gd_loss_goal, eval_every=config.gd_eval_every,
+                        seed=config.seed,
+                        device=config.device, dtype=config.dtype)
+    gd_config = spec_config(gd_spec, measure=to_dict(config.measure), batch_size=config.batch_size,
+                            sampling=config.sampling, escape_factor=config.escape_factor, sgd_lr=config.sgd_lr)
+    minimum = execute(root, NAME, "gd", gd_config, lambda folder: _sharp_minimum(folder, gd_spec, config))
+    if minimum["train"]["status"] != "converged":
+        return save_analysis(root, NAME, analyse(minimum, [], config))
+
+    sgd_lr = minimum["sgd_lr"]
+    escapes = []
+    for repeat in range(config.repeats):
+        progress(f"{NAME} SGD escape {repeat + 1}/{config.repeats}", repeat + 1, total)
+        spec = TrainSpec(data=config.data, model=config.model, lr=sgd_lr, batch_size=config.batch_size,
+                         sampling=config.sampling, max_steps=config.escape_steps, loss_goal=None, eval_every=1,
+                         seed=config.seed + 1 + repeat, device=config.device, dtype=config.dtype,
+                         init_from=minimum["folder"])
+        # Repeat 0 also trains on until SGD converges again, and measures where it settled.
+        settle = repeat == 0
+        escapes.append(execute(root, NAME, f"sgd-r{repeat}", spec_config(spec, settle=settle),
+                               lambda folder: _escape(folder, spec, config, settle)))
+    progress(NAME, total, total)
+    return save_analysis(root, NAME, analyse(minimum, escapes, config))
+
+
+def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
+    """GD to the loss goal; then the curvature, the alignment and the linear stability of SGD there."""
+    problem, result = run_training(folder.path, spec)
+    final = {"train": result.summary(), "folder": str(folder.path)}
+    if result.status != "converged":
+        return final
+    curvature = curvature_summary(problem, **config.measure.kwargs())
+    noise = batch_noise_factor(problem.num_samples, config.batch_size, config.sampling)
+    # eta with eta^2 p_B mu ||H||_F^2 = escape_factor, from the exact ||G||_F (= ||H||_F at an interpolating minimum).
+    sgd_lr = config.sgd_lr or math.sqrt(config.escape_factor / (noise * curvature.mu * curvature.gn_frobenius**2))
+    linear = quiet_stability(problem, lr=sgd_lr, batch_size=config.batch_size, sampling=config.sampling)
+    # Linearised SGD from the minimum's own residual: the dynamics the rates above describe.
+    simulated = simulate_linearized_sgd(problem, sgd_lr, config.batch_size, config.sampling, num_steps=config.escape_steps,
+                                        num_chains=config.linearized_chains, seed=config.seed,
+                                        init=problem.residuals().reshape(-1))
+    return {**final, "curvature": curvature.to_dict(), "sgd_lr": sgd_lr, "batch_noise": noise,
+            "linearized_loss": simulated.loss_mean.tolist(),
+            "predicted_rate": math.log(sgd_lr**2 * noise * curvature.mu * linear.hessian_frobenius**2),
+            "rigorous_rate": linear.log_escape_rate, "exact_rate": math.log(linear.growth_factor),
+            "growth_factor": linear.growth_factor, "thresholds": linear.thresholds,
+            "lambda_max": linear.lambda_max, "hessian_frobenius": linear.hessian_frobenius, "mu_min": linear.mu_min,
+            "warnings": linear.warnings}
+
+
+def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
+    problem, result = run_training(folder.path, spec)
+    final = {"escape": result.summary(), "curve": [[row["step"], row["loss"]] for row in result.history]}
+    if settle and result.status != "diverged":
+        problem, settled = run_training(folder.path, spec, loss_goal=config.settle_loss_goal,
+                                        max_steps=config.escape_steps + config.settle_steps, eval_every=None)
+        final["settle"] = settled.summary()
+        if settled.status == "converged":
+            final["settled_curvature"] = curvature_summary(problem, **config.measure.kwargs()).to_dict()
+    return final
+
+
+def fit_window(log_mean: np.ndarray, max_loss: float) -> int:
+    """Steps from 0 before the mean loss first exceeds ``max_loss`` (at least 2): the linearised regime."""
+    above = np.nonzero(log_mean > math.log(max_loss))[0]
+    return max(int(above[0]) if len(above) else len(log_mean), 2)
+
+
+def slope(log_values: np.ndarray) -> float:
+    """Least-squares slope per step of a log curve."""
+    return float(np.polyfit(np.arange(len(log_values)), log_values, 1)[0])
+
+
+def escape_rate(curves: list[list[list[float]]], max_loss: float, bootstrap: int, seed: int) -> dict:
+    """Slope of log(mean loss over runs) per step over the fit window, with a bootstrap standard
+    error over runs (the mean of exponentially growing runs is heavy-tailed, so few runs scatter)."""
+    length = min(len(curve) for curve in curves)
+    losses = np.array([[loss for _, loss in curve[:length]] for curve in curves])
+    log_mean = np.log(losses.mean(axis=0))
+    end = fit_window(log_mean, max_loss)
+    rng = np.random.default_rng(seed)
+    resampled = [slope(np.log(losses[rng.integers(0, len(losses), len(losses)), :end].mean(axis=0)))
+                 for _ in range(bootstrap)]
+    return {"rate": slope(log_mean[:end]), "stderr": float(np.std(resampled)), "fitted_steps": end,
+            "log_mean_loss": log_mean.tolist()}
+
+
+def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
+    analysis = {"experiment": NAME, "title": TITLE, "claim": CLAIM, "config": to_dict(config), "minimum": minimum}
+    claim_escape = "the log mean loss grows at least at the predicted rate log(eta^2 p_B mu ||H||_F^2)"
+    claim_settle = "SGD settles at a flatter minimum with ||H||_F <= sqrt(B/mu)/eta"
+    if minimum["train"]["status"] != "converged" or not escapes:
+        checks = [check(claim_escape, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
+                  check(claim_settle, None, "no escape was run")]
+        return {**analysis, "holds": overall(checks), "checks": checks}
+
+    measured = escape_rate([record["curve"] for record in escapes], config.fit_max_loss, config.bootstrap, config.seed)
+    linearized = slope(np.log(minimum["linearized_loss"][: measured["fitted_steps"]]))
+    predicted, rigorous, exact = minimum["predicted_rate"], minimum["rigorous_rate"], minimum["exact_rate"]
+    gd_stable = minimum["sgd_lr"] <= minimum["thresholds"]["gd"]
+    # "At least": the claim fails only when the measured rate is below the prediction by more than two standard errors.
+    escape_check = check(
+        claim_escape, measured["rate"] + 2 * measured["stderr"] >= predicted,
+        f"measured {measured['rate']:.3f} +- {measured['stderr']:.3f} per step (log of the mean of {len(escapes)} SGD runs, "
+        f"first {measured['fitted_steps']} steps) against predicted {predicted:.3f} (mu = {minimum['curvature']['mu']:.3g} "
+        f"at the minimum); linearised SGD ({config.linearized_chains} chains): {linearized:.3f}; exact log rho(T): "
+        f"{exact:.3f}; rigorous rate with mu_min = {minimum['mu_min']:.3g}: {rigorous:.3f}. SGD eta = "
+        f"{minimum['sgd_lr']:.4g}, B = {config.batch_size}; GD at this eta would {'stay' if gd_stable else 'also leave'} "
+        f"(2/lambda_max = {minimum['thresholds']['gd']:.4g})",
+    )
+    settler = escapes[0]
+    settled = settler.get("settled_curvature")
+    if settled is None:
+        status = settler.get("settle", settler["escape"])["status"]
+        settle_check = check(claim_settle, False if status == "diverged" else None, f"the settling run ended as {status!r}")
+    else:
+        bound = frobenius_bound(minimum["sgd_lr"], minimum["batch_noise"], settled["mu"])
+        before = minimum["curvature"]["frobenius"]
+        settle_check = check(
+            claim_settle, settled["frobenius"] <= bound and settled["frobenius"] < before,
+            f"||H||_F went from {before:.3g} at the GD minimum to {settled['frobenius']:.3g} after "
+            f"{settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
+        )
+        analysis["settled_bound"] = bound
+    checks = [escape_check, settle_check]
+    return {**analysis, "holds": overall(checks), "checks": checks, "measured": measured,
+            "linearized_rate": linearized, "curves": [record["curve"] for record in escapes], "settled": settled}

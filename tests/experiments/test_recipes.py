@@ -1,0 +1,156 @@
+"""Every recipe at the smoke scale: its files, its numbers, and verdicts that follow the data."""
+import copy
+import json
+import math
+import shutil
+
+import pytest
+
+from sgdstab.experiments import EXPERIMENTS, configure, runs, smoke_configs
+from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
+from sgdstab.experiments.config import override
+from sgdstab.io import read_json, read_jsonl
+from sgdstab.stability import CRITERIA
+
+
+def run_folders(root, name):
+    return sorted(p for p in (root / name).iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_run_folders_are_complete(smoke_suite, name):
+    root, analyses = smoke_suite
+    folders = run_folders(root, name)
+    assert folders
+    for folder in folders:
+        config, final = read_json(folder / "config.json"), read_json(folder / "final.json")
+        assert final["config"] == config and final["run_id"] == folder.name
+        assert read_jsonl(folder / "metrics.jsonl")[0]["step"] == 0
+        assert (folder / "checkpoint.pt").is_file()
+    assert read_json(root / name / "analysis.json") == json.loads(json.dumps(analyses[name]))
+    assert analyses[name]["holds"] in (True, False, None)
+    assert read_json(root / "config.json")["experiments"][name]["scale"] == "smoke"
+
+
+def test_e1_measures_mu_on_its_schedule(smoke_suite):
+    _, analyses = smoke_suite
+    rows = analyses["E1"]["rows"]
+    assert [r["family"] for r in rows] == ["linear", "CNN"]
+    for row in rows:
+        assert [p["step"] for p in row["curve"]] == [0, 20, 40]
+        assert all(0 < p["mu"] < 10 for p in row["curve"])
+        assert row["mu_min"] == min(p["mu"] for p in row["curve"])
+    assert analyses["E1"]["holds"] == (min(r["mu_min"] for r in rows) >= analyses["E1"]["config"]["mu_floor"])
+
+
+def test_e2_marks_divergence_and_compares_with_the_bound(smoke_suite):
+    _, analyses = smoke_suite
+    rows = {r["lr"]: r for r in analyses["E2"]["rows"]}
+    assert rows[50.0]["status"] == "diverged" and "frobenius" not in rows[50.0]
+    for lr in (0.05, 0.1):
+        row = rows[lr]
+        assert row["status"] == "converged" and row["loss"] <= 1e-2
+        assert row["bound"] == pytest.approx(1 / (lr * math.sqrt(row["mu"] / 4)))
+        assert row["lambda_max"] <= row["frobenius"] + 3 * row["frobenius_stderr"]
+        assert 0 <= row["mu_min"] <= row["mu"]
+    assert analyses["E2"]["fraction_below"] == sum(rows[lr]["ratio"] <= 1 for lr in (0.05, 0.1)) / 2
+
+
+def test_e3_runs_both_sweeps_for_sgd_and_gd(smoke_suite):
+    _, analyses = smoke_suite
+    rows = analyses["E3"]["rows"]
+    points = {(r["sweep"], r["optimizer"], r["width"], r["n"]) for r in rows}
+    assert points == {(s, o, w, n) for o in ("SGD", "GD") for s, w, n in
+                      (("width", 4, 40), ("width", 8, 40), ("n", 8, 20), ("n", 8, 40))}
+    # The base point is one run shared by both sweeps.
+    assert len({r["run_id"] for r in rows}) == 6
+    assert analyses["E3"]["gd_limit"] == pytest.approx(2 / 0.05)
+
+
+def test_e4_escape_curves_and_rates(smoke_suite):
+    _, analyses = smoke_suite
+    analysis = analyses["E4"]
+    minimum, config = analysis["minimum"], analysis["config"]
+    assert minimum["train"]["status"] == "converged"
+    # The SGD learning rate was chosen so that eta^2 p_B mu ||H||_F^2 is the configured factor.
+    assert minimum["predicted_rate"] == pytest.approx(math.log(config["escape_factor"]), rel=1e-6)
+    assert len(analysis["curves"]) == config["repeats"]
+    assert all(len(curve) == config["escape_steps"] + 1 for curve in analysis["curves"])
+    assert len(minimum["linearized_loss"]) == config["escape_steps"] + 1
+    assert math.isfinite(analysis["measured"]["rate"]) and analysis["measured"]["stderr"] >= 0
+
+
+def test_e5_has_every_criterion_and_the_empirical_threshold(smoke_suite):
+    _, analyses = smoke_suite
+    (row,) = analyses["E5"]["rows"]
+    assert set(CRITERIA) <= set(row) and row["empirical"] > 0
+    ordered = all(row["exact"] <= row[c] * (1 + 1e-6) for c in ("gd", "mulayoff15", "mulayoff16", "frobenius"))
+    assert analyses["E5"]["checks"][0]["holds"] == ordered
+
+
+# ------------------------------------------------------------------------------------- verdicts follow the data
+def test_verdicts_turn_when_the_data_contradicts_the_claim(smoke_suite):
+    root, analyses = smoke_suite
+    configs = smoke_configs()
+
+    def records(name):
+        return [read_json(folder / "final.json") for folder in run_folders(root, name)]
+
+    e1 = records("E1")
+    e1[0]["mu_curve"][1]["mu"] = 1e-3
+    assert e1_alignment.analyse(e1, configs["E1"])["holds"] is False
+
+    e2 = [r for r in records("E2") if "curvature" in r]
+    e2[0]["curvature"]["frobenius"] *= 100
+    assert e2_frobenius_bound.analyse(e2, configs["E2"])["checks"][0]["holds"] is False
+
+    e3 = [{**read_json(root / "E3" / row["run_id"] / "final.json"), **{k: row[k] for k in ("sweep", "optimizer", "width", "n")}}
+          for row in analyses["E3"]["rows"]]
+    for record in e3:
+        if record["optimizer"] == "GD" and "curvature" in record:
+            record["curvature"]["lambda_max"] = 1e6
+    assert e3_size.analyse(e3, configs["E3"])["checks"][1]["holds"] is False
+
+    e4 = copy.deepcopy(analyses["E4"])
+    flat = [[[step, e4["minimum"]["curvature"]["loss"]] for step, _ in curve] for curve in e4["curves"]]
+    escapes = [{"curve": curve, "escape": {"status": "max_steps"}} for curve in flat]
+    assert e4_escape.analyse(e4["minimum"], escapes, configs["E4"])["checks"][0]["holds"] is False
+
+    e5 = records("E5")
+    e5[0]["criteria"][0]["thresholds"]["exact"] = 10 * e5[0]["criteria"][0]["thresholds"]["gd"]
+    assert e5_criteria.analyse(e5, configs["E5"])["checks"][0]["holds"] is False
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_a_killed_suite_resumes_without_redoing_finished_runs(smoke_suite, tmp_path, monkeypatch):
+    source, _ = smoke_suite
+    shutil.copytree(source / "E2", tmp_path / "E2")
+    finals = sorted((tmp_path / "E2").glob("*/final.json"))
+    killed = finals[0]
+    killed.unlink()  # the suite was killed after this run's checkpoint, before its final.json
+    stamps = {path: path.stat().st_mtime_ns for path in finals[1:]}
+    trained = []
+    real_train = runs.train
+    monkeypatch.setattr(runs, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k))
+
+    e2_frobenius_bound.run(smoke_configs()["E2"], tmp_path)
+
+    assert trained == [killed.parent]
+    assert killed.exists() and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+    # The trainer resumed the finished checkpoint instead of training again.
+    final = read_json(killed)
+    assert final["train"]["resumed_from"] == final["train"]["steps"]
+
+
+# ------------------------------------------------------------------------------------- configs
+def test_overrides_parse_json_and_refuse_unknown_fields():
+    configs = configure("quick", only=["E2", "E3"], overrides=["E2.lrs=[0.1, 0.2]", "data.n=300", "E3.model.kwargs.width=32"])
+    assert configs["E2"].lrs == (0.1, 0.2)
+    assert configs["E2"].data.n == configs["E3"].data.n == 300
+    assert configs["E3"].model.kwargs["width"] == 32
+    with pytest.raises(ValueError, match="no field 'lr'"):
+        configure("quick", only=["E2"], overrides=["E2.lr=0.1"])
+    with pytest.raises(ValueError, match="unknown experiment E9"):
+        configure("quick", only=["E9"])
+    with pytest.raises(ValueError, match="takes a value of type int"):
+        override(configs["E2"], "max_steps", '"many"')
