@@ -98,3 +98,14 @@ def test_reproduce_smoke_resumes_and_report_rerenders(tmp_path):
 
     rendered = invoke("report", out)
     assert rendered.exit_code == 0 and rendered.stdout.split() == [str(out / "report.md"), str(out / "report.html")]
+
+
+def test_reproduce_download_without_internet_exits_2_with_the_reason(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    result = invoke("reproduce", "--scale", "full", "--download", "--data-dir", tmp_path, "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "could not download" in result.stderr and "network is unreachable" in result.stderr
+    assert not (tmp_path / "r").exists()

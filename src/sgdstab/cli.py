@@ -97,12 +97,17 @@ def reproduce(
     out: Path = typer.Option(Path("results/quick"), help="Suite folder: results/<run>."),
     device: Optional[str] = typer.Option(None, help="Device for every experiment (cpu, cuda, ...)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: E2.lrs=[0.02,0.05] or data.n=300; repeatable."),
+    download: bool = typer.Option(False, "--download", help="Fetch CIFAR-10 (MD5-checked) into --data-dir first "
+                                                              "when it is missing; needs internet."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Run the experiments E1-E5 (resuming finished runs) and write report.md / report.html in --out."""
+    from sgdstab.data import find_cifar10
     from sgdstab.experiments import reproduce as run_suite
 
     with user_errors(), progress_bar() as bar:
+        if download:
+            find_cifar10(data_dir, download=True)
         tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:

@@ -429,14 +429,20 @@ def _read_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) -
     return _Source(images, labels, None, 255.0, "per_channel", 10, FASHION_MNIST_NAMES, {"source": str(folder)})
 
 
-def _read_cifar10(split: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> _Source:
+def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The ``cifar-10-batches-py`` folder at or inside ``data_dir`` (default
+    ``default_data_dir() / "cifar10"``), downloaded there first when missing and ``download``."""
     root = Path(data_dir) if data_dir is not None else default_data_dir() / "cifar10"
-    # Accept the batches folder itself or the folder that contains it.
     folder = next((f for f in (root / CIFAR10_FOLDER, root) if (f / "test_batch").is_file()), None)
-    if folder is None:
-        if not download:
-            raise DatasetNotFoundError(f"cifar10: no {CIFAR10_FOLDER} folder in {root}; {_CIFAR_HINT}")
-        folder = download_cifar10(root)
+    if folder is not None:
+        return folder
+    if not download:
+        raise DatasetNotFoundError(f"cifar10: no {CIFAR10_FOLDER} folder in {root}; {_CIFAR_HINT}")
+    return download_cifar10(root)
+
+
+def _read_cifar10(split: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> _Source:
+    folder = find_cifar10(data_dir, download)
     images, labels = read_cifar10(folder, split)
     return _Source(torch.from_numpy(images), torch.from_numpy(labels), None, 255.0, "per_channel", 10, CIFAR10_NAMES,
                    {"source": str(folder)})
