@@ -38,16 +38,21 @@ def _sample_probes(
     op: LinearOperator,
     statistic: ProbeStatistic,
     num_probes: int,
-    batch_size: int,
+    seed: int | None,
     target_rel_stderr: float | None,
+    batch_size: int,
     max_probes: int,
-    generator: torch.Generator,
-) -> Tensor:
-    """Per-probe values of ``statistic``, drawn in blocks of ``batch_size`` probes.
+    generator: torch.Generator | None,
+) -> tuple[Tensor, int]:
+    """Per-probe values of ``statistic``, drawn in blocks of ``batch_size`` probes, and the
+    number of operator applications they cost.
 
     Draws ``num_probes``, then, when ``target_rel_stderr`` is set, further blocks until the
     standard error of their mean is at most that fraction of |mean| or ``max_probes`` is reached.
     """
+    _check_sampling(num_probes, batch_size, target_rel_stderr, max_probes)
+    generator = make_generator(op, seed, generator)
+    matvecs_before = op.num_matvecs
     samples: list[Tensor] = []
     drawn = 0
     goal = num_probes
@@ -59,7 +64,7 @@ def _sample_probes(
             mean, stderr = mean_and_stderr(torch.cat(samples))
             if not stderr <= target_rel_stderr * abs(mean):
                 goal = min(goal + batch_size, max_probes)
-    return torch.cat(samples)
+    return torch.cat(samples), op.num_matvecs - matvecs_before
 
 
 def _check_sampling(
@@ -87,19 +92,12 @@ def trace(
     until ``stderr <= target_rel_stderr * |value|`` or ``max_probes`` have been used. Exact (zero
     variance) for diagonal A.
     """
-    _check_sampling(num_probes, batch_size, target_rel_stderr, max_probes)
-    matvecs_before = op.num_matvecs
-    samples = _sample_probes(
-        op,
-        lambda probes, images: (probes * images).sum(dim=0),
-        num_probes,
-        batch_size,
-        target_rel_stderr,
-        max_probes,
-        make_generator(op, seed, generator),
+    samples, num_matvecs = _sample_probes(
+        op, lambda probes, images: (probes * images).sum(dim=0),
+        num_probes, seed, target_rel_stderr, batch_size, max_probes, generator,
     )
     value, stderr = mean_and_stderr(samples)
-    return TraceResult(value=value, stderr=stderr, num_matvecs=op.num_matvecs - matvecs_before)
+    return TraceResult(value=value, stderr=stderr, num_matvecs=num_matvecs)
 
 
 def frobenius_norm(
@@ -117,16 +115,9 @@ def frobenius_norm(
     ``stderr = squared_stderr / (2 value)``. ``target_rel_stderr`` and ``max_probes`` act on
     the squared norm as in ``trace``.
     """
-    _check_sampling(num_probes, batch_size, target_rel_stderr, max_probes)
-    matvecs_before = op.num_matvecs
-    samples = _sample_probes(
-        op,
-        lambda probes, images: images.pow(2).sum(dim=0),
-        num_probes,
-        batch_size,
-        target_rel_stderr,
-        max_probes,
-        make_generator(op, seed, generator),
+    samples, num_matvecs = _sample_probes(
+        op, lambda probes, images: images.pow(2).sum(dim=0),
+        num_probes, seed, target_rel_stderr, batch_size, max_probes, generator,
     )
     squared, squared_stderr = mean_and_stderr(samples)
     value = math.sqrt(squared)
@@ -137,5 +128,5 @@ def frobenius_norm(
         squared=squared,
         stderr=stderr,
         squared_stderr=squared_stderr,
-        num_matvecs=op.num_matvecs - matvecs_before,
+        num_matvecs=num_matvecs,
     )
