@@ -110,8 +110,13 @@ def _kronecker_threshold(problem, batch_noise: float) -> float:
         operator = projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
         return torch.linalg.eigvalsh(operator).abs().max().item() - 1
 
+    # eta* <= 2 / lambda_max. Halve down to a clearly stable lr before Brent's method: near
+    # lr = 0, rho - 1 shrinks to rounding level and can show a spurious root.
     upper = 4 / values[-1].item()
-    return scipy.optimize.brentq(excess, 1e-9 * upper, upper, xtol=1e-14, rtol=1e-10)
+    lower = upper / 2
+    while excess(lower) >= 0:
+        upper, lower = lower, lower / 2
+    return scipy.optimize.brentq(excess, lower, upper, xtol=1e-14, rtol=1e-10)
 
 
 def run_case(case: dict) -> dict:
