@@ -157,8 +157,8 @@ class Problem:
 
     def _check_targets(self, x: Tensor, y: Tensor) -> None:
         with torch.no_grad():
-            out = self.forward(self.parameters(), self._to_device(x, is_target=False))
-        y = self._to_device(y, is_target=True)
+            out = self.forward(self.parameters(), self._to_device(x))
+        y = self._to_device(y)
         if self.loss_name == "mse" and out.shape != y.shape:
             raise ProblemError(
                 f"for loss='mse' targets must have the model's output shape: outputs are "
@@ -201,7 +201,7 @@ class Problem:
         """Model outputs for inputs x at parameters theta (pure: the model is not modified)."""
         return functional_call(self.model, {**self._frozen, **self.unflatten(theta)}, (x,))
 
-    def _to_device(self, t: Tensor, is_target: bool) -> Tensor:
+    def _to_device(self, t: Tensor) -> Tensor:
         if t.is_floating_point():
             return t.to(device=self.device, dtype=self.dtype)
         return t.to(device=self.device)
@@ -216,7 +216,7 @@ class Problem:
                 for i in range(0, self.num_samples, self.chunk_size)
             )
         for x, y in source:
-            yield self._to_device(x, is_target=False), self._to_device(y, is_target=True)
+            yield self._to_device(x), self._to_device(y)
 
     def per_sample_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return per_sample_loss(self.loss_name, self.forward(theta, x), y)
