@@ -209,3 +209,17 @@ def test_bad_arguments_are_value_errors(kwargs, message):
     x, y = regression()
     with pytest.raises(ValueError, match=message):
         train(linear(), x, y, **{"lr": 0.1, **kwargs})
+
+
+def test_the_last_step_decides_convergence_even_between_evaluations():
+    x, y = regression(n=10, d=4)
+    model = linear()
+    weight = model.layers[1].weight.detach().clone()
+    lr, losses = 0.05, []
+    for _ in range(6):  # GD on 0.5 mean (w x - y)^2 by hand
+        weight = weight - lr * ((x @ weight.T - y).T @ x) / 10
+        losses.append(0.5 * (x @ weight.T - y).pow(2).mean().item())
+    goal = (losses[3] + losses[5]) / 2  # reached at step 6, not at the evaluation of step 4
+    result = train(model, x, y, lr, max_steps=6, eval_every=4, loss_goal=goal)
+    assert result.status == "converged" and result.steps == 6
+    assert result.final_loss == pytest.approx(losses[5], rel=1e-12)

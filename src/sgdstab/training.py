@@ -410,9 +410,13 @@ def train(
     if final is None:
         last = history[-1]
         reusable = last["step"] == step and (step % measure_every == 0 or not measures or status == "diverged")
-        final = last if reusable else record(step, True, reference)[0]
-    if status is None:
-        status = "diverged" if not math.isfinite(final["loss"]) else "max_steps"
+        if reusable:
+            final = last
+        else:
+            # The last step may fall between evaluations: its loss decides convergence or divergence too.
+            final, final_status = record(step, True, reference)
+            status = status or final_status
+    status = status or "max_steps"
     if state is None or step > resumed_from or status != state["status"]:
         save(status)
     return TrainResult(
