@@ -33,6 +33,7 @@ def test_help(command):
     (["measure", "--problem", "no_colon"], "--problem takes module:function"),
     (["measure", "--problem", "cli_problems:not_a_problem"], "returned a int, not a sgdstab.Problem"),
     (["measure", "--problem", "no_such_module_xyz:f"], "No module named"),
+    (["measure", "--problem", "cli_problems:no_such_function"], "has no function 'no_such_function'"),
     (["stability", "--problem", "cli_problems:tiny_problem", "--lr", "-1", "--batch-size", "2"], "lr must be a positive"),
     (["stability", "--problem", "cli_problems:tiny_problem", "--lr", "0.1", "--batch-size", "7"], "batch_size must be"),
     (["reproduce", "--only", "E9", "--out", "{tmp}/r"], "unknown experiment E9"),

@@ -48,7 +48,8 @@ def main(threads: int = typer.Option(
 
 
 #: Exceptions that mean "the input is wrong", not "the program is wrong": reported in one line, exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, MemoryError, ImportError, AttributeError, pickle.UnpicklingError)
+#: A bug elsewhere (AttributeError, ImportError, ...) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, MemoryError, pickle.UnpicklingError)
 
 
 @contextlib.contextmanager
@@ -207,7 +208,13 @@ def load_problem(run: Optional[Path], problem: Optional[str], device: Optional[s
     # The current folder first, as `python -m` does, so a user's own module is found.
     if "" not in sys.path:
         sys.path.insert(0, "")
-    made = getattr(importlib.import_module(module_name), function_name)()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--problem {problem}: cannot import {module_name!r} ({err})") from err
+    if not callable(getattr(module, function_name, None)):
+        raise ValueError(f"--problem {problem}: module {module_name!r} has no function {function_name!r}")
+    made = getattr(module, function_name)()
     if not isinstance(made, Problem):
         raise ValueError(f"{problem} returned a {type(made).__name__}, not a sgdstab.Problem")
     return made
