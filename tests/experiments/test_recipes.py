@@ -142,6 +142,22 @@ def test_a_killed_suite_resumes_without_redoing_finished_runs(smoke_suite, tmp_p
     assert final["train"]["resumed_from"] == final["train"]["steps"]
 
 
+def test_e4_killed_while_settling_resumes_both_phases(smoke_suite, tmp_path):
+    source, _ = smoke_suite
+    shutil.copytree(source / "E4", tmp_path / "E4")
+    (tmp_path / "E4" / "analysis.json").unlink()
+    (settler,) = (tmp_path / "E4").glob("sgd-r0-*")
+    expected = read_json(settler / "final.json")
+    (settler / "final.json").unlink()  # killed after the settling phase's checkpoint
+
+    analysis = e4_escape.run(smoke_configs()["E4"], tmp_path)
+
+    resumed = read_json(settler / "final.json")
+    assert resumed["escape"]["steps"] == expected["escape"]["steps"]
+    assert resumed.get("settle", {}).get("steps") == expected.get("settle", {}).get("steps")
+    assert analysis["holds"] == read_json(source / "E4" / "analysis.json")["holds"]
+
+
 # ------------------------------------------------------------------------------------- configs
 def test_overrides_parse_json_and_refuse_unknown_fields():
     configs = configure("quick", only=["E2", "E3"], overrides=["E2.lrs=[0.1, 0.2]", "data.n=300", "E3.model.kwargs.width=32"])

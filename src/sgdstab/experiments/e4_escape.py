@@ -13,6 +13,7 @@ satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -122,11 +123,14 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
 
 
 def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
-    problem, result = run_training(folder.path, spec)
+    _, result = run_training(folder.path, spec)
     final = {"escape": result.summary(), "curve": [[row["step"], row["loss"]] for row in result.history]}
     if settle and result.status != "diverged":
-        problem, settled = run_training(folder.path, spec, loss_goal=config.settle_loss_goal,
-                                        max_steps=config.escape_steps + config.settle_steps, eval_every=None)
+        # Its own checkpoint folder, started from the escape's end: a restart after a kill then
+        # resumes each phase, instead of finding the escape's checkpoint past its max_steps.
+        settle_spec = dataclasses.replace(spec, init_from=str(folder.path))
+        problem, settled = run_training(folder.path / "settle", settle_spec, loss_goal=config.settle_loss_goal,
+                                        max_steps=config.settle_steps, eval_every=None)
         final["settle"] = settled.summary()
         if settled.status == "converged":
             final["settled_curvature"] = curvature_summary(problem, **config.measure.kwargs()).to_dict()
@@ -192,7 +196,7 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
         settle_check = check(
             claim_settle, settled["frobenius"] <= bound and settled["frobenius"] < before,
             f"||H||_F went from {before:.3g} at the GD minimum to {settled['frobenius']:.3g} after "
-            f"{settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
+            f"{config.escape_steps + settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
         )
         analysis["settled_bound"] = bound
     checks = [escape_check, settle_check]
