@@ -63,13 +63,29 @@ def _spectral_radius(matrix: torch.Tensor) -> float:
     return torch.linalg.eigvalsh(matrix).abs().max().item()
 
 
-def _root_threshold(kronecker, lower: float, upper: float) -> float:
-    """The learning rate in [lower, upper] where the spectral radius of the Kronecker operator
-    crosses 1 (Brent's method; it refuses a bracket whose ends do not straddle the crossing).
+def _root_threshold(kronecker, upper: float) -> float:
+    """The learning rate where the spectral radius of the Kronecker operator crosses 1."""
+    return _largest_crossing(lambda lr: _spectral_radius(kronecker(lr)) - 1, upper)
 
-    The bracket stays away from lr -> 0, where rho - 1 shrinks to rounding level and a
-    spurious root can appear."""
-    excess = lambda lr: _spectral_radius(kronecker(lr)) - 1  # noqa: E731
+
+def _dense_worst_case_alignment(jacobian: torch.Tensor, n: int, outputs: int) -> float:
+    """mu_min of SPEC.md section 2 from its definition: lambda_min of n blockdiag_i (K^2)_ii - K^2
+    on range(K), over ||K||_F^2."""
+    gram = jacobian @ jacobian.T
+    squared = gram @ gram
+    block_diagonal = torch.block_diag(*[squared[i * outputs : (i + 1) * outputs, i * outputs : (i + 1) * outputs]
+                                        for i in range(n)])
+    values, vectors = torch.linalg.eigh(gram)
+    basis = vectors[:, values > 1e-10 * values[-1]]
+    restricted = basis.T @ (n * block_diagonal - squared) @ basis
+    return torch.linalg.eigvalsh(restricted)[0].item() / gram.pow(2).sum().item()
+
+
+def _largest_crossing(excess, upper: float) -> float:
+    """The largest lr in (0, upper] where ``excess`` changes sign from negative to non-negative."""
+    lower = upper / 2
+    while excess(lower) >= 0:
+        upper, lower = lower, lower / 2
     return scipy.optimize.brentq(excess, lower, upper, xtol=1e-15, rtol=1e-13)
 
 
@@ -117,7 +133,7 @@ def test_threshold_and_growth_equal_the_parameter_space_kronecker_operator(
     problem = _minimum(2, n, num_outputs, hidden=5 - 2 * num_outputs)  # p = 13 (C=1) or 12 (C=2): p^2 x p^2 stays small
     result = stability(problem, lr=0.1, batch_size=batch, sampling=sampling)
     kronecker = _kronecker_map(problem, batch_noise_factor(n, batch, sampling))
-    expected = _root_threshold(kronecker, 0.25 * result.thresholds["exact"], 2 * result.thresholds["gd"])
+    expected = _root_threshold(kronecker, 2 * result.thresholds["gd"])
     assert result.thresholds["exact"] == pytest.approx(expected, rel=1e-9)
     assert result.growth_factor == pytest.approx(_spectral_radius(kronecker(0.1)), rel=1e-10)
     second_moment = SecondMomentMap(
@@ -172,10 +188,11 @@ def test_escape_factor_bounds_the_one_step_growth_of_the_linearised_loss():
     problem = _minimum(4, 10, 2, hidden=6)
     lr, batch = 5.0, 2
     result = stability(problem, lr=lr, batch_size=batch)
-    expected = lr**2 * result.batch_noise * result.mu_min * result.hessian_frobenius**2
-    assert result.escape_factor == pytest.approx(expected, rel=1e-12)
-    assert result.log_escape_rate == pytest.approx(math.log(expected), rel=1e-12)
     jacobian = _jacobian(problem)
+    curvature_frobenius = torch.linalg.matrix_norm(jacobian.T @ jacobian / 10).item()
+    expected = lr**2 * (1 / batch) * _dense_worst_case_alignment(jacobian, 10, 2) * curvature_frobenius**2
+    assert result.escape_factor == pytest.approx(expected, rel=1e-9)
+    assert result.log_escape_rate == pytest.approx(math.log(expected), rel=1e-9)
     gram = jacobian @ jacobian.T
     second_moment = SecondMomentMap(gram_spectrum(gram, 2), result.batch_noise)
     torch.manual_seed(5)
@@ -195,8 +212,31 @@ def test_ingredients_match_dense_curvature():
     assert result.trace == pytest.approx(eigenvalues.sum().item(), rel=1e-10)
     assert result.hessian_frobenius == pytest.approx(torch.linalg.matrix_norm(curvature).item(), rel=1e-10)
     assert result.thresholds["gd"] == pytest.approx(2 / eigenvalues[-1].item(), rel=1e-10)
-    assert result.thresholds["trace"] == pytest.approx(2 / (result.batch_noise * result.trace), rel=1e-12)
     assert result.batch_noise == pytest.approx(4 / 18)
+    noise, n = 4 / 18, 7
+    assert result.thresholds["trace"] == pytest.approx(2 / (noise * eigenvalues.sum().item()), rel=1e-10)
+    # Mulayoff & Michaeli (2023) (15), (16) and Wu, Ma & E (2018) from dense per-sample H_i = J_i^T J_i.
+    per_sample = [jacobian[2 * i : 2 * i + 2].T @ jacobian[2 * i : 2 * i + 2] for i in range(n)]
+    frobenius_squared = curvature.pow(2).sum().item()
+    mulayoff16 = 2 * eigenvalues.sum().item() / (
+        (1 - noise) * frobenius_squared + noise / n * sum(h.pow(2).sum().item() for h in per_sample))
+    assert result.thresholds["mulayoff16"] == pytest.approx(mulayoff16, rel=1e-9)
+    top = torch.linalg.eigh(curvature).eigenvectors[:, -1]
+    sharpness = eigenvalues[-1].item()
+    spread = sum((top @ h @ top - sharpness).item() ** 2 for h in per_sample)
+    assert result.thresholds["mulayoff15"] == pytest.approx(2 * sharpness / (sharpness**2 + noise / n * spread), rel=1e-9)
+    mu_min = _dense_worst_case_alignment(jacobian, n, 2)
+    assert result.thresholds["frobenius"] == pytest.approx(1 / (frobenius_squared**0.5 * (noise * mu_min) ** 0.5), rel=1e-9)
+    values, vectors = torch.linalg.eigh(curvature)
+    basis = vectors[:, values > 1e-10 * values[-1]]  # off range(H) the one-step matrix is the identity
+    sigma_h = sum(h @ h for h in per_sample) / n - curvature @ curvature
+    identity = torch.eye(curvature.shape[0], dtype=torch.float64)
+
+    def one_step_excess(lr):
+        step = (identity - lr * curvature) @ (identity - lr * curvature) + lr**2 * noise * sigma_h
+        return torch.linalg.eigvalsh(basis.T @ step @ basis)[-1].item() - 1
+
+    assert result.thresholds["wme"] == pytest.approx(_largest_crossing(one_step_excess, 2 / sharpness), rel=1e-8)
     assert (result.rank, result.loss, result.gradient_norm, result.warnings) == (14, 0.0, 0.0, ())
 
 
