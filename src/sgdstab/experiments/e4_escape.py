@@ -13,7 +13,6 @@ satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,8 +25,10 @@ from sgdstab.experiments.runs import (
     Progress, TrainSpec, check, execute, no_progress, overall, quiet_stability, run_training, save_analysis,
     spec_config,
 )
+from sgdstab.io import atomic_write
 from sgdstab.stability import batch_noise_factor, simulate_linearized_sgd
 from sgdstab.summary import curvature_summary
+from sgdstab.training import CHECKPOINT_FILE
 
 NAME = "E4"
 TITLE = "Exponential escape from a sharp minimum"
@@ -126,11 +127,15 @@ def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
     _, result = run_training(folder.path, spec)
     final = {"escape": result.summary(), "curve": [[row["step"], row["loss"]] for row in result.history]}
     if settle and result.status != "diverged":
-        # Its own checkpoint folder, started from the escape's end: a restart after a kill then
-        # resumes each phase, instead of finding the escape's checkpoint past its max_steps.
-        settle_spec = dataclasses.replace(spec, init_from=str(folder.path))
-        problem, settled = run_training(folder.path / "settle", settle_spec, loss_goal=config.settle_loss_goal,
-                                        max_steps=config.settle_steps, eval_every=None)
+        # The same SGD chain goes on (parameters and sampler state from the escape's checkpoint),
+        # in its own folder: a restart after a kill resumes each phase where it stopped, instead
+        # of finding the escape's checkpoint past the escape's max_steps.
+        settle_folder = folder.path / "settle"
+        if not (settle_folder / CHECKPOINT_FILE).exists():
+            with atomic_write(settle_folder / CHECKPOINT_FILE, "wb") as copy:
+                copy.write((folder.path / CHECKPOINT_FILE).read_bytes())
+        problem, settled = run_training(settle_folder, spec, loss_goal=config.settle_loss_goal,
+                                        max_steps=config.escape_steps + config.settle_steps, eval_every=None)
         final["settle"] = settled.summary()
         if settled.status == "converged":
             final["settled_curvature"] = curvature_summary(problem, **config.measure.kwargs()).to_dict()
@@ -196,7 +201,7 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
         settle_check = check(
             claim_settle, settled["frobenius"] <= bound and settled["frobenius"] < before,
             f"||H||_F went from {before:.3g} at the GD minimum to {settled['frobenius']:.3g} after "
-            f"{config.escape_steps + settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
+            f"{settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
         )
         analysis["settled_bound"] = bound
     checks = [escape_check, settle_check]
