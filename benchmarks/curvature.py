@@ -24,6 +24,7 @@ Timings are wall-clock, median over repeats; in each repeat ours and the peer ru
 so the ratios (peer time / ours, median of the per-repeat ratios) are robust to a shared,
 noisy machine. Writes ``benchmarks/results/curvature.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ from sgdstab.operators import hessian
 
 try:  # peers: benchmark-only dependencies
     import pyhessian
+
     # The module, not the class ``pyhessian.hessian`` that its __init__ re-exports under that name.
     _pyhessian_module = sys.modules["pyhessian.hessian"]
     from curvlinops import HessianLinearOperator, hutchinson_squared_fro
@@ -79,10 +81,14 @@ def make_cnn(channels: tuple[int, int, int], image: int = 32) -> nn.Module:
     c1, c2, c3 = channels
     side = image // 8
     return nn.Sequential(
-        nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(c3 * side * side, 10),
+        nn.Conv2d(3, c1, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c3 * side * side, 10),
     )
 
 
@@ -118,7 +124,12 @@ class Peers:
         self.pyhessian_criterion = lambda outputs, targets: (outputs - targets).pow(2).sum() / (2 * n)
         chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size)))
         curvlinops_h = HessianLinearOperator(
-            self.model, nn.MSELoss(reduction="sum"), self.params, chunks, check_deterministic=False, num_data=n
+            self.model,
+            nn.MSELoss(reduction="sum"),
+            self.params,
+            chunks,
+            check_deterministic=False,
+            num_data=n,
         )
         # MSELoss(reduction="sum") = 2n L, so its Hessian is 2n H.
         self.curvlinops_hessian = curvlinops_h * (1.0 / (2 * n))
@@ -225,7 +236,12 @@ def check_same_operator(peers: Peers) -> dict:
     v = torch.randn(peers.problem.num_params, generator=torch.Generator().manual_seed(1))
     ours = hessian(peers.problem) @ v
     h = peers.pyhessian()
-    theirs = torch.cat([t.reshape(-1) for t in _pyhessian_module.hessian_vector_product(h.gradsH, h.params, peers.to_list(v))])
+    theirs = torch.cat(
+        [
+            t.reshape(-1)
+            for t in _pyhessian_module.hessian_vector_product(h.gradsH, h.params, peers.to_list(v))
+        ]
+    )
     del h
     peers.release_pyhessian()
     curv = peers.curvlinops_hessian @ v
@@ -245,15 +261,27 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
 
     def enough(records):
         thetas = [t for _, t in records]
-        return pyhessian_own_stop(thetas, LAMBDA_TOL) is not None and first_accurate(thetas, lam, LAMBDA_TOL) is not None
+        return (
+            pyhessian_own_stop(thetas, LAMBDA_TOL) is not None
+            and first_accurate(thetas, lam, LAMBDA_TOL) is not None
+        )
 
     ours, own, oracle = [], [], []
     for r in range(repeats):
         # cache_graph: PyHessian also builds its gradient graph once and reuses it for every HVP.
-        t, res = timed(lambda: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r))
+        t, res = timed(
+            lambda: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
+        )
         value = float(res.values[0])
-        ours.append({"time_s": t, "value": value, "num_matvecs": res.num_matvecs,
-                     "rel_error": abs(value - lam) / lam, "rel_residual_bound": float(res.residual_norms[0]) / abs(value)})
+        ours.append(
+            {
+                "time_s": t,
+                "value": value,
+                "num_matvecs": res.num_matvecs,
+                "rel_error": abs(value - lam) / lam,
+                "rel_residual_bound": float(res.residual_norms[0]) / abs(value),
+            }
+        )
 
         torch.manual_seed(r)  # PyHessian draws its start vector from the global generator
         start = clock()
@@ -263,20 +291,42 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
         thetas = [th for _, th in rec.records]
         i = pyhessian_own_stop(thetas, LAMBDA_TOL)
         # Stopping at HVP i it returns theta_{i-1}; +1 gradient: the graph it builds once and reuses.
-        own.append(None if i is None else {
-            "time_s": rec.records[i][0] - start, "value": thetas[i - 1], "num_hvps": i + 1, "num_gradients": 1,
-            "rel_error": abs(thetas[i - 1] - lam) / lam})
+        own.append(
+            None
+            if i is None
+            else {
+                "time_s": rec.records[i][0] - start,
+                "value": thetas[i - 1],
+                "num_hvps": i + 1,
+                "num_gradients": 1,
+                "rel_error": abs(thetas[i - 1] - lam) / lam,
+            }
+        )
         j = first_accurate(thetas, lam, LAMBDA_TOL)
-        oracle.append({"time_s": (rec.records[j][0] if j is not None else clock()) - start,
-                       "value": thetas[j if j is not None else -1], "num_hvps": (j + 1) if j is not None else len(thetas),
-                       "num_gradients": 1, "reached": j is not None,
-                       "rel_error": abs(thetas[j if j is not None else -1] - lam) / lam})
+        oracle.append(
+            {
+                "time_s": (rec.records[j][0] if j is not None else clock()) - start,
+                "value": thetas[j if j is not None else -1],
+                "num_hvps": (j + 1) if j is not None else len(thetas),
+                "num_gradients": 1,
+                "reached": j is not None,
+                "rel_error": abs(thetas[j if j is not None else -1] - lam) / lam,
+            }
+        )
     return {
-        "reference": {"value": lam, "num_matvecs": reference.num_matvecs, "converged": reference.converged,
-                      "rel_residual_bound": float(reference.residual_norms[0]) / abs(lam)},
-        "sgdstab": ours, "pyhessian_own_rule": own, "pyhessian_to_1e-3": oracle,
+        "reference": {
+            "value": lam,
+            "num_matvecs": reference.num_matvecs,
+            "converged": reference.converged,
+            "rel_residual_bound": float(reference.residual_norms[0]) / abs(lam),
+        },
+        "sgdstab": ours,
+        "pyhessian_own_rule": own,
+        "pyhessian_to_1e-3": oracle,
         "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle)]),
-        "speedup_vs_own_rule": median([p["time_s"] / o["time_s"] for o, p in zip(ours, own) if p is not None] or [math.nan]),
+        "speedup_vs_own_rule": median(
+            [p["time_s"] / o["time_s"] for o, p in zip(ours, own) if p is not None] or [math.nan]
+        ),
     }
 
 
@@ -284,8 +334,14 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
         # ``block`` probes, then 32 more (the default batch_size) until the stderr is 5%.
-        t, res = timed(lambda: trace(hessian(peers.problem, cache_graph=True), num_probes=block,
-                                     target_rel_stderr=TRACE_REL_STDERR, seed=r))
+        t, res = timed(
+            lambda: trace(
+                hessian(peers.problem, cache_graph=True),
+                num_probes=block,
+                target_rel_stderr=TRACE_REL_STDERR,
+                seed=r,
+            )
+        )
         ours.append({"time_s": t, "value": res.value, "stderr": res.stderr, "num_matvecs": res.num_matvecs})
 
         torch.manual_seed(r)
@@ -295,11 +351,14 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
         mean = statistics.fmean(samples)
         stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
         theirs.append({"time_s": t, "value": mean, "stderr": stderr, "num_hvps": counter.count})
+
     # Cost of 5% precision: time scales like stderr^2, so compare time * (stderr / value)^2.
     def cost(row):
         return row["time_s"] * (row["stderr"] / abs(row["value"])) ** 2
+
     return {
-        "sgdstab": ours, "pyhessian": theirs,
+        "sgdstab": ours,
+        "pyhessian": theirs,
         "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
         "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs)]),
         "z_score": _z(ours, theirs),
@@ -318,8 +377,19 @@ def _z(ours: list[dict], theirs: list[dict]) -> float:
 def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
-        t, res = timed(lambda: frobenius_norm(hessian(peers.problem, cache_graph=True), num_probes=num_probes, batch_size=num_probes, seed=r))
-        ours.append({"time_s": t, "time_per_probe_s": t / num_probes, "value": res.squared, "stderr": res.squared_stderr})
+        t, res = timed(
+            lambda: frobenius_norm(
+                hessian(peers.problem, cache_graph=True), num_probes=num_probes, batch_size=num_probes, seed=r
+            )
+        )
+        ours.append(
+            {
+                "time_s": t,
+                "time_per_probe_s": t / num_probes,
+                "value": res.squared,
+                "stderr": res.squared_stderr,
+            }
+        )
         torch.manual_seed(r)  # curvlinops draws its probes from the global generator
         t, value = timed(lambda: hutchinson_squared_fro(peers.curvlinops_hessian, num_matvecs=num_probes))
         theirs.append({"time_s": t, "time_per_probe_s": t / num_probes, "value": float(value)})
@@ -327,7 +397,9 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     for p in theirs:  # curvlinops returns no error: use the spread of its estimates over repeats
         p["stderr"] = spread
     return {
-        "num_probes": num_probes, "sgdstab": ours, "curvlinops": theirs,
+        "num_probes": num_probes,
+        "sgdstab": ours,
+        "curvlinops": theirs,
         "sgdstab_spread": statistics.stdev(o["value"] for o in ours) if repeats > 1 else math.nan,
         "curvlinops_spread": spread,
         "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
@@ -373,8 +445,11 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
     peers.release_pyhessian()
     grad = times["gradient (torch autograd)"]
     return {
-        name: {"time_s": median(ts), "times_s": ts,
-               "ratio_to_gradient": median([t / g for t, g in zip(ts, grad)])}
+        name: {
+            "time_s": median(ts),
+            "times_s": ts,
+            "ratio_to_gradient": median([t / g for t, g in zip(ts, grad)]),
+        }
         for name, ts in times.items()
     }
 
@@ -395,30 +470,82 @@ def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
     o, own, orc = lm["sgdstab"], lm["pyhessian_own_rule"], lm["pyhessian_to_1e-3"]
     lam = lm["reference"]["value"]
     rows.append((f"{name}: lambda_max to {LAMBDA_TOL:g}", "", "", f"reference {lam:.6g}", ""))
-    rows.append(("  sgdstab top_eigenvalues (Lanczos)", fmt_time(_med(o, "time_s")), f"{_med(o, 'num_matvecs'):g} HVP",
-                 f"{_med(o, 'value'):.6g} (err {max(r['rel_error'] for r in o):.0e}, bound {max(r['rel_residual_bound'] for r in o):.0e})", ""))
+    rows.append(
+        (
+            "  sgdstab top_eigenvalues (Lanczos)",
+            fmt_time(_med(o, "time_s")),
+            f"{_med(o, 'num_matvecs'):g} HVP",
+            f"{_med(o, 'value'):.6g} (err {max(r['rel_error'] for r in o):.0e}, bound {max(r['rel_residual_bound'] for r in o):.0e})",
+            "",
+        )
+    )
     valid = [r for r in own if r is not None]
     if valid:
-        rows.append(("  PyHessian eigenvalues, own rule", fmt_time(_med(valid, "time_s")), f"{_med(valid, 'num_hvps'):g} HVP + 1 grad",
-                     f"{_med(valid, 'value'):.6g} (err {max(r['rel_error'] for r in valid):.0e})", f"{lm['speedup_vs_own_rule']:.2f}x"))
+        rows.append(
+            (
+                "  PyHessian eigenvalues, own rule",
+                fmt_time(_med(valid, "time_s")),
+                f"{_med(valid, 'num_hvps'):g} HVP + 1 grad",
+                f"{_med(valid, 'value'):.6g} (err {max(r['rel_error'] for r in valid):.0e})",
+                f"{lm['speedup_vs_own_rule']:.2f}x",
+            )
+        )
     reached = "" if all(r["reached"] for r in orc) else " NOT reached in every repeat"
-    rows.append(("  PyHessian eigenvalues, to 1e-3 error", fmt_time(_med(orc, "time_s")), f"{_med(orc, 'num_hvps'):g} HVP + 1 grad",
-                 f"{_med(orc, 'value'):.6g} (err {max(r['rel_error'] for r in orc):.0e}){reached}", f"{lm['speedup']:.2f}x"))
+    rows.append(
+        (
+            "  PyHessian eigenvalues, to 1e-3 error",
+            fmt_time(_med(orc, "time_s")),
+            f"{_med(orc, 'num_hvps'):g} HVP + 1 grad",
+            f"{_med(orc, 'value'):.6g} (err {max(r['rel_error'] for r in orc):.0e}){reached}",
+            f"{lm['speedup']:.2f}x",
+        )
+    )
     tr = res["trace"]
     o, p = tr["sgdstab"], tr["pyhessian"]
-    rows.append((f"{name}: trace, {TRACE_REL_STDERR:.0%} rel. stderr", "", "", f"z = {tr['z_score']:.2f}", ""))
-    rows.append(("  sgdstab trace (Hutchinson)", fmt_time(_med(o, "time_s")), f"{_med(o, 'num_matvecs'):g} HVP",
-                 f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}", ""))
-    rows.append(("  PyHessian trace (own rule)", fmt_time(_med(p, "time_s")), f"{_med(p, 'num_hvps'):g} HVP + 1 grad",
-                 f"{_med(p, 'value'):.5g} +- {_med(p, 'stderr'):.2g}",
-                 f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)"))
+    rows.append(
+        (f"{name}: trace, {TRACE_REL_STDERR:.0%} rel. stderr", "", "", f"z = {tr['z_score']:.2f}", "")
+    )
+    rows.append(
+        (
+            "  sgdstab trace (Hutchinson)",
+            fmt_time(_med(o, "time_s")),
+            f"{_med(o, 'num_matvecs'):g} HVP",
+            f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  PyHessian trace (own rule)",
+            fmt_time(_med(p, "time_s")),
+            f"{_med(p, 'num_hvps'):g} HVP + 1 grad",
+            f"{_med(p, 'value'):.5g} +- {_med(p, 'stderr'):.2g}",
+            f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)",
+        )
+    )
     fr = res["frobenius"]
     o, p = fr["sgdstab"], fr["curvlinops"]
-    rows.append((f"{name}: ||H||_F^2, {fr['num_probes']} probes", "per probe", "", f"z = {fr['z_score']:.2f}", ""))
-    rows.append(("  sgdstab frobenius_norm (cached graph)", fmt_time(_med(o, "time_per_probe_s")), "",
-                 f"{_med(o, 'value'):.5g} (stderr {_med(o, 'stderr'):.2g}, spread {fr['sgdstab_spread']:.2g})", ""))
-    rows.append(("  curvlinops hutchinson_squared_fro", fmt_time(_med(p, "time_per_probe_s")), "",
-                 f"{_med(p, 'value'):.5g} (spread {fr['curvlinops_spread']:.2g})", f"{fr['speedup']:.2f}x"))
+    rows.append(
+        (f"{name}: ||H||_F^2, {fr['num_probes']} probes", "per probe", "", f"z = {fr['z_score']:.2f}", "")
+    )
+    rows.append(
+        (
+            "  sgdstab frobenius_norm (cached graph)",
+            fmt_time(_med(o, "time_per_probe_s")),
+            "",
+            f"{_med(o, 'value'):.5g} (stderr {_med(o, 'stderr'):.2g}, spread {fr['sgdstab_spread']:.2g})",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  curvlinops hutchinson_squared_fro",
+            fmt_time(_med(p, "time_per_probe_s")),
+            "",
+            f"{_med(p, 'value'):.5g} (spread {fr['curvlinops_spread']:.2g})",
+            f"{fr['speedup']:.2f}x",
+        )
+    )
     rows.append((f"{name}: HVP and gradient", "per column", "x gradient", "", ""))
     for case, t in res["hvp"].items():
         rows.append((f"  {case}", fmt_time(t["time_s"]), f"{t['ratio_to_gradient']:.2f}x", "", ""))
@@ -438,8 +565,10 @@ def print_table(results: dict) -> None:
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
         return
     m = results["machine"]
-    table = Table(title=f"sgdstab vs peers: torch {m['torch']}, {m['torch_threads']} thread(s) of {m['cpu_count']} CPUs, "
-                        f"n={results['args']['n']}, {results['clock']}, median of {results['args']['repeats']}")
+    table = Table(
+        title=f"sgdstab vs peers: torch {m['torch']}, {m['torch_threads']} thread(s) of {m['cpu_count']} CPUs, "
+        f"n={results['args']['n']}, {results['clock']}, median of {results['args']['repeats']}"
+    )
     for h in header:
         table.add_column(h)
     for r in rows:
@@ -460,17 +589,34 @@ def targets(res: dict) -> dict:
     rows = {
         "lambda_max speedup vs PyHessian at 1e-3 error": (lm["speedup"], ">= 3", lm["speedup"] >= 3),
         "HVP (default double_backward) / gradient": (
-            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"], "<= 2.5",
-            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"] <= 2.5),
-        "curvlinops / sgdstab time per Frobenius probe": (res["frobenius"]["speedup"], ">= 1", res["frobenius"]["speedup"] >= 1),
+            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"],
+            "<= 2.5",
+            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"] <= 2.5,
+        ),
+        "curvlinops / sgdstab time per Frobenius probe": (
+            res["frobenius"]["speedup"],
+            ">= 1",
+            res["frobenius"]["speedup"] >= 1,
+        ),
         "lambda_max error of sgdstab (max over repeats)": (
-            max(r["rel_error"] for r in lm["sgdstab"]), f"<= {LAMBDA_TOL:g}",
-            all(r["rel_error"] <= LAMBDA_TOL for r in lm["sgdstab"])),
-        "trace |sgdstab - PyHessian| / combined stderr": (res["trace"]["z_score"], "<= 2", res["trace"]["z_score"] <= 2),
+            max(r["rel_error"] for r in lm["sgdstab"]),
+            f"<= {LAMBDA_TOL:g}",
+            all(r["rel_error"] <= LAMBDA_TOL for r in lm["sgdstab"]),
+        ),
+        "trace |sgdstab - PyHessian| / combined stderr": (
+            res["trace"]["z_score"],
+            "<= 2",
+            res["trace"]["z_score"] <= 2,
+        ),
         "||H||_F^2 |sgdstab - curvlinops| / combined stderr": (
-            res["frobenius"]["z_score"], "<= 2", not res["frobenius"]["z_score"] > 2),
+            res["frobenius"]["z_score"],
+            "<= 2",
+            not res["frobenius"]["z_score"] > 2,
+        ),
     }
-    return {name: {"value": value, "goal": goal, "met": bool(met)} for name, (value, goal, met) in rows.items()}
+    return {
+        name: {"value": value, "goal": goal, "met": bool(met)} for name, (value, goal, met) in rows.items()
+    }
 
 
 def machine_facts() -> dict:
@@ -479,13 +625,19 @@ def machine_facts() -> dict:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             return None
+
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "sgdstab": version("sgdstab"),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "sgdstab": version("sgdstab"),
         "sgdstab_path": str(Path(sgdstab.__file__).parent),
-        "pyhessian": version("pyhessian"), "curvlinops": version("curvlinops-for-pytorch"),
+        "pyhessian": version("pyhessian"),
+        "curvlinops": version("curvlinops-for-pytorch"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cpu_pressure": _read("/proc/pressure/cpu"),
     }
@@ -493,18 +645,31 @@ def machine_facts() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median reported; >= 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats per row (median reported; >= 3)"
+    )
     parser.add_argument("--n", type=int, default=None, help="samples (default 2048, 64 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke run in seconds")
     parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--chunk-size", type=int, default=1024, help="sgdstab chunk / curvlinops batch size")
-    parser.add_argument("--frobenius-probes", type=int, default=None, help="probes for ||H||_F^2 (default 16, 4 with --quick)")
-    parser.add_argument("--block", type=int, default=None, help="probes per block (default 8, 4 with --quick)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1; 0 keeps torch's default)")
-    parser.add_argument("--clock", choices=sorted(_CLOCKS), default="cpu",
-                        help="cpu: process CPU time (default; robust on a shared machine with --threads 1), wall: wall clock")
-    parser.add_argument("--mlp-widths", default=None, help="default 3072,256,128,10 (3072,32,10 with --quick)")
+    parser.add_argument(
+        "--frobenius-probes", type=int, default=None, help="probes for ||H||_F^2 (default 16, 4 with --quick)"
+    )
+    parser.add_argument(
+        "--block", type=int, default=None, help="probes per block (default 8, 4 with --quick)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 keeps torch's default)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="cpu",
+        help="cpu: process CPU time (default; robust on a shared machine with --threads 1), wall: wall clock",
+    )
+    parser.add_argument(
+        "--mlp-widths", default=None, help="default 3072,256,128,10 (3072,32,10 with --quick)"
+    )
     parser.add_argument("--cnn-channels", default=None, help="default 8,16,16 (4,4,8 with --quick)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -516,19 +681,37 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.n or (64 if args.quick else 2048)
     probes = args.frobenius_probes or (4 if args.quick else 16)
     block = args.block or (4 if args.quick else 8)
-    mlp_widths = tuple(int(w) for w in (args.mlp_widths or ("3072,32,10" if args.quick else "3072,256,128,10")).split(","))
-    cnn_channels = tuple(int(c) for c in (args.cnn_channels or ("4,4,8" if args.quick else "8,16,16")).split(","))
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_facts(),
-               "clock": {"cpu": "process CPU time (time.process_time)", "wall": "wall clock"}[args.clock],
-               "args": {**vars(args), "output": str(args.output), "n": n, "frobenius_probes": probes, "block": block,
-                        "mlp_widths": mlp_widths, "cnn_channels": cnn_channels},
-               "workloads": {}}
+    mlp_widths = tuple(
+        int(w) for w in (args.mlp_widths or ("3072,32,10" if args.quick else "3072,256,128,10")).split(",")
+    )
+    cnn_channels = tuple(
+        int(c) for c in (args.cnn_channels or ("4,4,8" if args.quick else "8,16,16")).split(",")
+    )
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_facts(),
+        "clock": {"cpu": "process CPU time (time.process_time)", "wall": "wall clock"}[args.clock],
+        "args": {
+            **vars(args),
+            "output": str(args.output),
+            "n": n,
+            "frobenius_probes": probes,
+            "block": block,
+            "mlp_widths": mlp_widths,
+            "cnn_channels": cnn_channels,
+        },
+        "workloads": {},
+    }
     start = time.perf_counter()
     for name in args.workloads.split(","):
         work = make_workload(name.strip(), n, mlp_widths, cnn_channels)
         peers = Peers(work, min(args.chunk_size, n))
-        res = {"description": work["description"], "num_params": peers.problem.num_params, "n": n,
-               "chunk_size": peers.chunk_size}
+        res = {
+            "description": work["description"],
+            "num_params": peers.problem.num_params,
+            "n": n,
+            "chunk_size": peers.chunk_size,
+        }
         stamp = time.perf_counter()
         res["same_operator"] = check_same_operator(peers)
         res["hvp"] = hvp_row(peers, args.repeats, block)
@@ -538,9 +721,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["targets"] = targets(res)
         res["wall_s"] = time.perf_counter() - stamp
         results["workloads"][name] = res
-        print(f"{name}: {work['description']}, p={res['num_params']:,}, n={n}, done in {res['wall_s']:.0f} s; "
-              f"H v differs from sgdstab's by {res['same_operator']['pyhessian_vs_sgdstab']:.1e} (PyHessian), "
-              f"{res['same_operator']['curvlinops_vs_sgdstab']:.1e} (curvlinops)", flush=True)
+        print(
+            f"{name}: {work['description']}, p={res['num_params']:,}, n={n}, done in {res['wall_s']:.0f} s; "
+            f"H v differs from sgdstab's by {res['same_operator']['pyhessian_vs_sgdstab']:.1e} (PyHessian), "
+            f"{res['same_operator']['curvlinops_vs_sgdstab']:.1e} (curvlinops)",
+            flush=True,
+        )
     results["wall_s"] = time.perf_counter() - start
     print_table(results)
     for name, res in results["workloads"].items():

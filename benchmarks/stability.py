@@ -22,6 +22,7 @@ are wall-clock and process CPU seconds (all threads); the machine's load average
 each case is recorded, because this box is shared and torch's thread barriers stall when another
 process holds a core. Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def _mnist_mlp(n: int, outputs: int, planted: bool):
     else:
         data = load_dataset("mnist", n=n, flatten=True)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(784, MLP_HIDDEN), torch.nn.Tanh(), torch.nn.Linear(MLP_HIDDEN, outputs))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, MLP_HIDDEN), torch.nn.Tanh(), torch.nn.Linear(MLP_HIDDEN, outputs)
+    )
     targets = data.targets
     if planted:
         with torch.no_grad():
@@ -65,7 +68,9 @@ def _tiny_mlp(hidden: int, n: int):
     from sgdstab import Problem
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
+    ).double()
     inputs = torch.randn(n, 3, dtype=torch.float64)
     with torch.no_grad():
         targets = model(inputs)
@@ -107,7 +112,9 @@ def _kronecker_threshold(problem, batch_noise: float) -> float:
     noise = noise + (1 - batch_noise) * torch.kron(curvature, curvature)
 
     def excess(lr: float) -> float:
-        operator = projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
+        operator = (
+            projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
+        )
         return torch.linalg.eigvalsh(operator).abs().max().item() - 1
 
     # eta* <= 2 / lambda_max. Halve down to a clearly stable lr before Brent's method: near
@@ -140,15 +147,24 @@ def run_case(case: dict) -> dict:
     elif kind == "stability":
         problem = _mnist_mlp(case["n"], case["outputs"], planted=True)
         result, seconds = _timed(lambda: stability(problem, lr=case["lr"], batch_size=case["batch"]))
-        row.update(seconds=seconds, growth_factor=result.growth_factor, thresholds=result.thresholds,
-                   rank=result.rank, mu_min=result.mu_min)
+        row.update(
+            seconds=seconds,
+            growth_factor=result.growth_factor,
+            thresholds=result.thresholds,
+            rank=result.rank,
+            mu_min=result.mu_min,
+        )
     elif kind == "threshold_only":
         problem = _mnist_mlp(case["n"], case["outputs"], planted=True)
         gram, gram_seconds = _timed(lambda: gram_matrix(problem))
         spectrum, spectrum_seconds = _timed(lambda: gram_spectrum(gram, problem.num_outputs))
-        moment = SecondMomentMap(spectrum, batch_noise_factor(problem.num_samples, case["batch"], "with_replacement"))
+        moment = SecondMomentMap(
+            spectrum, batch_noise_factor(problem.num_samples, case["batch"], "with_replacement")
+        )
         threshold, seconds = _timed(moment.threshold)
-        row.update(threshold=threshold, seconds=seconds, gram_seconds=gram_seconds, spectrum_seconds=spectrum_seconds)
+        row.update(
+            threshold=threshold, seconds=seconds, gram_seconds=gram_seconds, spectrum_seconds=spectrum_seconds
+        )
     elif kind in ("kronecker", "ours_tiny"):
         problem = _tiny_mlp(case["hidden"], case["n"])
         batch_noise = batch_noise_factor(problem.num_samples, case["batch"], "with_replacement")
@@ -212,7 +228,11 @@ def _summary(row: dict) -> str:
     if "gram_seconds" in row:
         parts.append(f"(K {row['gram_seconds']:.1f}s, eigh {row['spectrum_seconds']:.1f}s)")
     if "thresholds" in row:
-        parts.append("eta*={exact:.4g} gd={gd:.4g} frob={frobenius:.4g} m24={mulayoff24:.4g} wme={wme:.4g}".format(**row["thresholds"]))
+        parts.append(
+            "eta*={exact:.4g} gd={gd:.4g} frob={frobenius:.4g} m24={mulayoff24:.4g} wme={wme:.4g}".format(
+                **row["thresholds"]
+            )
+        )
         parts.append(f"rho={row['growth_factor']:.6f}")
     if "p" in row:
         parts.append(f"p={row['p']}")
@@ -238,15 +258,20 @@ def main() -> None:
         command = [sys.executable, __file__, "--threads", str(args.threads), "--case", json.dumps(case)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            row = dict(error=done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}")
+            row = dict(
+                error=done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"
+            )
         else:
             row = json.loads(done.stdout.strip().splitlines()[-1])
         row.update(case=case, load_average=load)
         rows.append(row)
         seconds = row.get("seconds", math.nan)
-        print(f"{_describe(case):<52} {seconds:>8.2f} {row.get('cpu_seconds', math.nan):>8.2f} "
-              f"{row.get('peak_rss_mib', math.nan):>9.0f}  "
-              f"{row.get('error') or _summary(row)}", flush=True)
+        print(
+            f"{_describe(case):<52} {seconds:>8.2f} {row.get('cpu_seconds', math.nan):>8.2f} "
+            f"{row.get('peak_rss_mib', math.nan):>9.0f}  "
+            f"{row.get('error') or _summary(row)}",
+            flush=True,
+        )
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(

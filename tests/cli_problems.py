@@ -1,4 +1,5 @@
 """Problems for `sgdstab measure/stability --problem cli_problems:<function>` in tests/test_cli.py."""
+
 import torch
 from torch import nn
 

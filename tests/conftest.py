@@ -1,4 +1,5 @@
 """Shared by the experiment, report and CLI tests: one smoke-scale suite (seconds), run once per session."""
+
 import pytest
 import torch
 

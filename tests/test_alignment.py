@@ -1,4 +1,5 @@
 """The alignment factor (SPEC.md section 2) against dense parameter-space matrices and closed forms."""
+
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from sgdstab.alignment import alignment
 
 def _mlp_problem(num_outputs: int, n: int = 12, seed: int = 0, chunk_size: int = 5) -> Problem:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, num_outputs)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, num_outputs)
+    ).double()
     inputs = torch.randn(n, 4, dtype=torch.float64)
     return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
 
@@ -23,7 +26,10 @@ def _dense_quantities(problem: Problem):
     jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(theta)
     residuals = (problem.forward(theta, inputs) - targets).reshape(-1)
     per_sample = torch.stack(
-        [jacobian[i * outputs : (i + 1) * outputs].T @ residuals[i * outputs : (i + 1) * outputs] for i in range(n)]
+        [
+            jacobian[i * outputs : (i + 1) * outputs].T @ residuals[i * outputs : (i + 1) * outputs]
+            for i in range(n)
+        ]
     )
     mean = per_sample.mean(dim=0)
     sigma = per_sample.T @ per_sample / n - torch.outer(mean, mean)
@@ -49,9 +55,16 @@ def test_exact_alignment_equals_parameter_space_definition(num_outputs):
     assert result.trace_sigma_g == pytest.approx(torch.trace(sigma @ gauss_newton).item(), rel=1e-10)
     assert result.loss == pytest.approx(loss.item(), rel=1e-12)
     assert result.gn_frobenius == pytest.approx(torch.linalg.matrix_norm(gauss_newton).item(), rel=1e-10)
-    assert (result.num_samples, result.num_outputs, result.method, result.stderr) == (12, num_outputs, "exact", 0.0)
+    assert (result.num_samples, result.num_outputs, result.method, result.stderr) == (
+        12,
+        num_outputs,
+        "exact",
+        0.0,
+    )
     # The panel-by-panel K (J never stored) gives the same numbers.
-    assert alignment(problem, max_jacobian_entries=100, hessian=False).mu == pytest.approx(result.mu, rel=1e-12)
+    assert alignment(problem, max_jacobian_entries=100, hessian=False).mu == pytest.approx(
+        result.mu, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("num_outputs", [1, 3])
@@ -62,7 +75,10 @@ def test_worst_case_alignment_equals_its_definition(num_outputs):
     square = gram @ gram
     n = problem.num_samples
     block_diagonal = torch.block_diag(
-        *[square[i * num_outputs : (i + 1) * num_outputs, i * num_outputs : (i + 1) * num_outputs] for i in range(n)]
+        *[
+            square[i * num_outputs : (i + 1) * num_outputs, i * num_outputs : (i + 1) * num_outputs]
+            for i in range(n)
+        ]
     )
     expected = torch.linalg.eigvalsh(n * block_diagonal - square)[0] / gram.pow(2).sum()
     result = alignment(problem, hessian=False)
@@ -96,13 +112,17 @@ def test_worst_case_alignment_is_restricted_to_the_range_of_k():
 def test_stochastic_alignment_within_four_standard_errors_of_exact(num_outputs, sketch_size):
     problem = _mlp_problem(num_outputs, n=16, chunk_size=16)
     exact = alignment(problem)
-    estimate = alignment(problem, method="stochastic", num_probes=200, seed=0, hessian=True, sketch_size=sketch_size)
+    estimate = alignment(
+        problem, method="stochastic", num_probes=200, seed=0, hessian=True, sketch_size=sketch_size
+    )
     assert estimate.method == "stochastic" and estimate.mu_min is None and estimate.num_probes == 200
     assert 0 < estimate.stderr < 0.2 * exact.mu
     assert abs(estimate.mu - exact.mu) <= 4 * estimate.stderr
     assert abs(estimate.mu_hessian - exact.mu_hessian) <= 4 * estimate.mu_hessian_stderr
     assert estimate.loss == pytest.approx(exact.loss, rel=1e-12)
-    again = alignment(problem, method="stochastic", num_probes=200, seed=0, hessian=True, sketch_size=sketch_size)
+    again = alignment(
+        problem, method="stochastic", num_probes=200, seed=0, hessian=True, sketch_size=sketch_size
+    )
     assert (again.mu, again.mu_hessian) == (estimate.mu, estimate.mu_hessian)
 
 
@@ -110,7 +130,8 @@ def test_stochastic_alignment_within_four_standard_errors_of_exact(num_outputs, 
 def test_stochastic_standard_error_matches_the_spread_over_seeds(sketch_size):
     problem = _mlp_problem(1, n=10, chunk_size=10)
     estimates = [
-        alignment(problem, method="stochastic", num_probes=30, seed=s, sketch_size=sketch_size) for s in range(20)
+        alignment(problem, method="stochastic", num_probes=30, seed=s, sketch_size=sketch_size)
+        for s in range(20)
     ]
     spread = torch.tensor([e.mu for e in estimates]).std().item()
     typical = sum(e.stderr for e in estimates) / len(estimates)
@@ -164,7 +185,9 @@ def test_deep_linear_network_alignment_is_at_least_one():
     for seed in range(3):
         torch.manual_seed(seed)
         network = torch.nn.Sequential(
-            torch.nn.Linear(6, 8, bias=False), torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 1, bias=False)
+            torch.nn.Linear(6, 8, bias=False),
+            torch.nn.Linear(8, 8, bias=False),
+            torch.nn.Linear(8, 1, bias=False),
         ).double()
         inputs = torch.randn(1000, 6, generator=generator, dtype=torch.float64)
         teacher = torch.randn(6, 1, generator=generator, dtype=torch.float64)
@@ -184,7 +207,9 @@ def test_random_feature_alignment_does_not_fall_as_features_grow():
             weights = torch.randn(10, width, generator=generator, dtype=torch.float64) / math.sqrt(10)
             features = torch.tanh(inputs @ weights)
             readout = torch.nn.Linear(width, 1, bias=False).double()
-            readout.weight.data = torch.randn(1, width, generator=generator, dtype=torch.float64) / math.sqrt(width)
+            readout.weight.data = torch.randn(1, width, generator=generator, dtype=torch.float64) / math.sqrt(
+                width
+            )
             problem = Problem(readout, features, torch.sin(2 * inputs[:, :1]))
             values.append(alignment(problem, worst_case=False, hessian=False).mu)
         values = torch.tensor(values)

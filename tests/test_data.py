@@ -21,13 +21,22 @@ from sgdstab.data import (
     synthetic_teacher,
 )
 
-IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+IDX_CODES = {
+    np.uint8: 0x08,
+    np.int8: 0x09,
+    np.int16: 0x0B,
+    np.int32: 0x0C,
+    np.float32: 0x0D,
+    np.float64: 0x0E,
+}
 
 
 def write_idx(path, array, compress):
     """An IDX file written from the format's definition (big-endian header and data)."""
     array = np.asarray(array)
-    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     path.write_bytes(gzip.compress(payload) if compress else payload)
 
@@ -47,8 +56,12 @@ def write_mnist_folder(folder, compress, rng, sizes=(("train", 12), ("t10k", 6))
 
 def cifar_batch(count, first_label, rng):
     rows = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
-    return {"batch_label": "b", "data": rows, "labels": [(first_label + i) % 10 for i in range(count)],
-            "filenames": [f"{i}.png" for i in range(count)]}
+    return {
+        "batch_label": "b",
+        "data": rows,
+        "labels": [(first_label + i) % 10 for i in range(count)],
+        "filenames": [f"{i}.png" for i in range(count)],
+    }
 
 
 def write_cifar_folder(root, rng, per_batch=2):
@@ -86,8 +99,10 @@ def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
         read_idx(short)
 
 
-@pytest.mark.parametrize(("name", "compress", "separator"), [("mnist", True, "-"), ("fashion_mnist", False, "."),
-                                                             ("fashion_mnist", True, "-")])
+@pytest.mark.parametrize(
+    ("name", "compress", "separator"),
+    [("mnist", True, "-"), ("fashion_mnist", False, "."), ("fashion_mnist", True, "-")],
+)
 def test_idx_data_sets_read_test_written_files(tmp_path, name, compress, separator):
     arrays = write_mnist_folder(tmp_path, compress, np.random.default_rng(0), separator=separator)
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -111,7 +126,9 @@ def test_missing_files_name_the_path_and_the_remedy(tmp_path):
 @pytest.mark.parametrize("point_at", ["parent", "folder"])
 def test_cifar10_reader_on_test_written_batches(tmp_path, point_at):
     folder, batches = write_cifar_folder(tmp_path, np.random.default_rng(1))
-    ds = load_dataset("cifar10", data_dir=tmp_path if point_at == "parent" else folder, normalize=False, targets="labels")
+    ds = load_dataset(
+        "cifar10", data_dir=tmp_path if point_at == "parent" else folder, normalize=False, targets="labels"
+    )
     assert ds.inputs.shape == (10, 3, 32, 32)
     first = batches["data_batch_1"]
     # A row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major 32 x 32.
@@ -181,13 +198,17 @@ def test_class_subset_relabels_in_the_given_order(idx_folder):
 
 @pytest.mark.parametrize("subset", ["first", "random", "balanced"])
 def test_n_subsets(idx_folder, subset):
-    ds = load_dataset("mnist", data_dir=idx_folder, n=7, subset=subset, seed=4, classes=[0, 1, 2], targets="labels")
+    ds = load_dataset(
+        "mnist", data_dir=idx_folder, n=7, subset=subset, seed=4, classes=[0, 1, 2], targets="labels"
+    )
     assert len(ds) == 7 and ds.indices.tolist() == sorted(set(ds.indices.tolist()))
     if subset == "first":
         assert ds.indices.tolist() == list(range(7))
     if subset == "balanced":
         assert ds.labels.bincount().tolist() == [3, 2, 2]
-    again = load_dataset("mnist", data_dir=idx_folder, n=7, subset=subset, seed=4, classes=[0, 1, 2], targets="labels")
+    again = load_dataset(
+        "mnist", data_dir=idx_folder, n=7, subset=subset, seed=4, classes=[0, 1, 2], targets="labels"
+    )
     assert torch.equal(ds.indices, again.indices)
     with pytest.raises(ValueError, match="only 30 are available"):
         load_dataset("mnist", data_dir=idx_folder, n=31, subset=subset, classes=[0, 1, 2])
@@ -214,9 +235,13 @@ def test_normalization_modes_and_reuse(idx_folder):
     assert train.inputs.std(correction=0).item() == pytest.approx(1)
     per_feature = load_dataset("mnist", data_dir=idx_folder, normalize="per_feature", dtype=torch.float64)
     torch.testing.assert_close(per_feature.inputs.mean(0), torch.zeros(1, 5, 4, dtype=torch.float64))
-    torch.testing.assert_close(per_feature.inputs.std(0, correction=0), torch.ones(1, 5, 4, dtype=torch.float64))
+    torch.testing.assert_close(
+        per_feature.inputs.std(0, correction=0), torch.ones(1, 5, 4, dtype=torch.float64)
+    )
     raw_test = load_dataset("mnist", data_dir=idx_folder, split="test", normalize=False, dtype=torch.float64)
-    test = load_dataset("mnist", data_dir=idx_folder, split="test", normalize=train.normalization, dtype=torch.float64)
+    test = load_dataset(
+        "mnist", data_dir=idx_folder, split="test", normalize=train.normalization, dtype=torch.float64
+    )
     stats = train.normalization
     torch.testing.assert_close(test.inputs, (raw_test.inputs - stats.mean) / stats.std)
     flat = load_dataset("mnist", data_dir=idx_folder, flatten=True)
@@ -252,8 +277,12 @@ def test_synthetic_linear_teacher_is_exact_and_seeded():
     again = synthetic_teacher(40, 6, num_outputs=2, seed=7, dtype=torch.float64)
     assert torch.equal(ds.inputs, again.inputs)
     test = synthetic_teacher(40, 6, num_outputs=2, seed=7, dtype=torch.float64, split="test")
-    assert torch.equal(test.info["teacher_weights"]["weight"], weight) and not torch.equal(test.inputs, ds.inputs)
-    noisy = synthetic_teacher(2000, 3, noise=0.5, seed=1, input_variances=[4.0, 1.0, 0.0], dtype=torch.float64)
+    assert torch.equal(test.info["teacher_weights"]["weight"], weight) and not torch.equal(
+        test.inputs, ds.inputs
+    )
+    noisy = synthetic_teacher(
+        2000, 3, noise=0.5, seed=1, input_variances=[4.0, 1.0, 0.0], dtype=torch.float64
+    )
     assert noisy.inputs.var(0).tolist() == pytest.approx([4.0, 1.0, 0.0], abs=0.3)
     residual = noisy.targets - noisy.inputs @ noisy.info["teacher_weights"]["weight"].T
     assert residual.std().item() == pytest.approx(0.5, abs=0.05)

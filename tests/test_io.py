@@ -19,8 +19,18 @@ from sgdstab.io import (
 
 def test_json_round_trip_converts_numpy_torch_and_keeps_non_finite(tmp_path):
     path = tmp_path / "sub" / "x.json"
-    write_json_atomic(path, {"a": np.float32(1.5), "b": torch.tensor([1, 2]), "c": np.arange(3), "inf": math.inf,
-                             "nan": float("nan"), "dtype": torch.float64, "path": tmp_path})
+    write_json_atomic(
+        path,
+        {
+            "a": np.float32(1.5),
+            "b": torch.tensor([1, 2]),
+            "c": np.arange(3),
+            "inf": math.inf,
+            "nan": float("nan"),
+            "dtype": torch.float64,
+            "path": tmp_path,
+        },
+    )
     back = read_json(path)
     assert back["a"] == 1.5 and back["b"] == [1, 2] and back["c"] == [0, 1, 2]
     assert back["inf"] == math.inf and math.isnan(back["nan"])

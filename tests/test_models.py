@@ -12,13 +12,21 @@ TINY = [
     ("linear", {"input_shape": 5, "num_outputs": 2, "bias": True}, (5,)),
     ("deep_linear", {"input_shape": (1, 2, 3), "num_outputs": 3, "depth": 3, "width": 4}, (1, 2, 3)),
     ("random_features", {"input_shape": 6, "num_outputs": 2, "num_features": 16}, (6,)),
-    ("random_features", {"input_shape": 6, "num_outputs": 1, "num_features": 8, "activation": "tanh", "centered": True}, (6,)),
+    (
+        "random_features",
+        {"input_shape": 6, "num_outputs": 1, "num_features": 8, "activation": "tanh", "centered": True},
+        (6,),
+    ),
     ("mlp", {"input_shape": 7, "num_outputs": 3, "depth": 3, "width": 8, "activation": "relu"}, (7,)),
     ("mlp", {"input_shape": (1, 4, 4), "num_outputs": 2, "width": 8}, (1, 4, 4)),
     ("vgg", {"input_shape": (3, 32, 32), "num_outputs": 10, "width": 2}, (3, 32, 32)),
     ("vgg", {"input_shape": (1, 28, 28), "num_outputs": 2, "depth": [1, 1], "width": 2}, (1, 28, 28)),
     ("resnet", {"input_shape": (3, 32, 32), "num_outputs": 10, "depth": 8, "width": 2}, (3, 32, 32)),
-    ("resnet", {"input_shape": (1, 8, 8), "num_outputs": 1, "depth": [1, 2], "width": 3, "activation": "tanh"}, (1, 8, 8)),
+    (
+        "resnet",
+        {"input_shape": (1, 8, 8), "num_outputs": 1, "depth": [1, 2], "width": 3, "activation": "tanh"},
+        (1, 8, 8),
+    ),
 ]
 IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(TINY)]
 
@@ -33,7 +41,10 @@ def test_builds_with_output_shape_and_no_mode_dependent_layers(name, kwargs, sam
     out = model(torch.randn(3, *sample))
     assert out.shape == (3, kwargs["num_outputs"])
     assert torch.isfinite(out).all()
-    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)) for m in model.modules())
+    assert not any(
+        isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        for m in model.modules()
+    )
 
 
 @pytest.mark.parametrize(("name", "kwargs", "sample"), TINY, ids=IDS)
@@ -105,7 +116,9 @@ def test_random_relu_features_have_the_closed_form_mean(centered):
     # Averaged over many random features, phi(w^T x) with w ~ N(0, I/d) has mean ||x|| / sqrt(2 pi d);
     # centring removes exactly that.
     d, m = 4, 20000
-    model = build_model("random_features", input_shape=d, num_outputs=1, num_features=m, centered=centered).double()
+    model = build_model(
+        "random_features", input_shape=d, num_outputs=1, num_features=m, centered=centered
+    ).double()
     x = torch.tensor([[3.0, 0.0, 4.0, 0.0]], dtype=torch.float64)
     expected = 0.0 if centered else 5.0 / math.sqrt(2 * math.pi * d)
     # The std of the mean over m features is below 1.5 / sqrt(m) ~ 0.011.
@@ -114,7 +127,10 @@ def test_random_relu_features_have_the_closed_form_mean(centered):
 
 def test_init_keeps_the_signal_scale_through_depth():
     x = torch.randn(256, 3, 32, 32)
-    for name, kwargs in [("mlp", {"depth": 6, "width": 64, "activation": "relu"}), ("vgg", {"depth": 11, "width": 4}),
-                         ("resnet", {"depth": 14, "width": 4})]:
+    for name, kwargs in [
+        ("mlp", {"depth": 6, "width": 64, "activation": "relu"}),
+        ("vgg", {"depth": 11, "width": 4}),
+        ("resnet", {"depth": 14, "width": 4}),
+    ]:
         out = build_model(name, input_shape=(3, 32, 32), num_outputs=10, **kwargs)(x)
         assert 0.1 < out.std().item() < 10, name

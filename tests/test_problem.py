@@ -11,8 +11,10 @@ from sgdstab.operators import hessian
 
 def regression_data(n=9, d=3, c=2, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=generator, dtype=torch.float64),
-            torch.randn(n, c, generator=generator, dtype=torch.float64))
+    return (
+        torch.randn(n, d, generator=generator, dtype=torch.float64),
+        torch.randn(n, c, generator=generator, dtype=torch.float64),
+    )
 
 
 def mlp(d=3, c=2):
@@ -35,7 +37,9 @@ def test_cross_entropy_loss_is_mean_over_samples():
     labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
     model = mlp()
     problem = Problem(model, inputs, labels, loss="cross_entropy", chunk_size=2)
-    assert math.isclose(problem.loss(), nn.functional.cross_entropy(model(inputs), labels).item(), rel_tol=1e-13)
+    assert math.isclose(
+        problem.loss(), nn.functional.cross_entropy(model(inputs), labels).item(), rel_tol=1e-13
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])
@@ -122,10 +126,13 @@ def test_cross_entropy_needs_integer_labels():
         Problem(mlp(), inputs, targets, loss="cross_entropy")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"loss": "hinge"}, "loss must be one of"),
-    ({"chunk_size": 0}, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     inputs, targets = regression_data()
     with pytest.raises(ProblemError, match=message):

@@ -1,4 +1,5 @@
 """The report of a smoke-scale suite: both documents, every figure, the verdicts the analyses computed."""
+
 import json
 import re
 import shutil
@@ -58,7 +59,14 @@ def test_a_failed_claim_is_reported_as_failed(smoke_suite, tmp_path):
 
 
 def test_render_helpers():
-    assert [fmt(v) for v in (1 / 3, None, float("nan"), float("inf"), True, 7)] == ["0.3333", "-", "-", "inf", "yes", "7"]
+    assert [fmt(v) for v in (1 / 3, None, float("nan"), float("inf"), True, 7)] == [
+        "0.3333",
+        "-",
+        "-",
+        "inf",
+        "yes",
+        "7",
+    ]
     blocks = [("heading", 1, "T"), ("text", "a **b** `c` <d>"), ("table", ["x"], [["||H||_F | 2"]])]
     assert "| ‖H‖_F \\| 2 |" in render_markdown(blocks)
     assert "<p>a <b>b</b> <code>c</code> &lt;d&gt;</p>" in render_html(blocks)

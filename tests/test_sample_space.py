@@ -1,4 +1,5 @@
 """The sample-space NTK K = J J^T against a Jacobian built densely by torch.func.jacrev."""
+
 import pytest
 import torch
 
@@ -8,7 +9,9 @@ from sgdstab.sample_space import block_congruence, gram_matrix, gram_spectrum
 
 def _mlp_problem(num_outputs: int, n: int = 9, chunk_size: int = 4, seed: int = 0) -> Problem:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, num_outputs)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, num_outputs)
+    ).double()
     inputs = torch.randn(n, 3, dtype=torch.float64)
     return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
 

@@ -1,5 +1,6 @@
 """Linear stability of SGD (SPEC.md section 3) against enumerated batches, the parameter-space
 Kronecker operator and Monte Carlo runs of linearised SGD."""
+
 import importlib
 import itertools
 import math
@@ -56,7 +57,9 @@ def _kronecker_map(problem: Problem, batch_noise: float):
     drift = torch.kron(curvature, identity) + torch.kron(identity, curvature)
     noise = batch_noise / n * sum(torch.kron(h, h) for h in per_sample)
     noise = noise + (1 - batch_noise) * torch.kron(curvature, curvature)
-    return lambda lr: projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
+    return lambda lr: (
+        projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
+    )
 
 
 def _spectral_radius(matrix: torch.Tensor) -> float:
@@ -73,8 +76,9 @@ def _dense_worst_case_alignment(jacobian: torch.Tensor, n: int, outputs: int) ->
     on range(K), over ||K||_F^2."""
     gram = jacobian @ jacobian.T
     squared = gram @ gram
-    block_diagonal = torch.block_diag(*[squared[i * outputs : (i + 1) * outputs, i * outputs : (i + 1) * outputs]
-                                        for i in range(n)])
+    block_diagonal = torch.block_diag(
+        *[squared[i * outputs : (i + 1) * outputs, i * outputs : (i + 1) * outputs] for i in range(n)]
+    )
     values, vectors = torch.linalg.eigh(gram)
     basis = vectors[:, values > 1e-10 * values[-1]]
     restricted = basis.T @ (n * block_diagonal - squared) @ basis
@@ -130,7 +134,9 @@ def test_threshold_and_growth_equal_the_parameter_space_kronecker_operator(
     monkeypatch, solver, sampling, batch, num_outputs, n
 ):
     monkeypatch.setattr(stability_module, "_DENSE_EIGEN_MAX_DIM", 10**6 if solver == "dense" else 0)
-    problem = _minimum(2, n, num_outputs, hidden=5 - 2 * num_outputs)  # p = 13 (C=1) or 12 (C=2): p^2 x p^2 stays small
+    problem = _minimum(
+        2, n, num_outputs, hidden=5 - 2 * num_outputs
+    )  # p = 13 (C=1) or 12 (C=2): p^2 x p^2 stays small
     result = stability(problem, lr=0.1, batch_size=batch, sampling=sampling)
     kronecker = _kronecker_map(problem, batch_noise_factor(n, batch, sampling))
     expected = _root_threshold(kronecker, 2 * result.thresholds["gd"])
@@ -168,7 +174,9 @@ def test_growth_crosses_one_at_the_threshold_and_linearised_sgd_follows():
         for step in range(1, 9):
             moment = second_moment.sample_space_step(moment, simulation.lr)
             predicted = moment.trace().item() / (2 * 8)
-            assert abs(simulation.loss_mean[step].item() - predicted) <= 4 * simulation.loss_stderr[step].item()
+            assert (
+                abs(simulation.loss_mean[step].item() - predicted) <= 4 * simulation.loss_stderr[step].item()
+            )
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
@@ -177,7 +185,9 @@ def test_thresholds_are_ordered_on_random_minima(sampling):
         result = stability(_minimum(seed, n, outputs, hidden=5), lr=0.01, batch_size=batch, sampling=sampling)
         thresholds = result.thresholds
         assert set(thresholds) == set(CRITERIA)
-        necessary = min(thresholds[name] for name in ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius"))
+        necessary = min(
+            thresholds[name] for name in ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius")
+        )
         assert thresholds["wme"] <= thresholds["exact"] * (1 + 1e-9)
         assert thresholds["exact"] <= necessary * (1 + 1e-9)
         assert thresholds["mulayoff24"] <= thresholds["mulayoff15"] * (1 + 1e-9)
@@ -218,15 +228,22 @@ def test_ingredients_match_dense_curvature():
     # Mulayoff & Michaeli (2023) (15), (16) and Wu, Ma & E (2018) from dense per-sample H_i = J_i^T J_i.
     per_sample = [jacobian[2 * i : 2 * i + 2].T @ jacobian[2 * i : 2 * i + 2] for i in range(n)]
     frobenius_squared = curvature.pow(2).sum().item()
-    mulayoff16 = 2 * eigenvalues.sum().item() / (
-        (1 - noise) * frobenius_squared + noise / n * sum(h.pow(2).sum().item() for h in per_sample))
+    mulayoff16 = (
+        2
+        * eigenvalues.sum().item()
+        / ((1 - noise) * frobenius_squared + noise / n * sum(h.pow(2).sum().item() for h in per_sample))
+    )
     assert result.thresholds["mulayoff16"] == pytest.approx(mulayoff16, rel=1e-9)
     top = torch.linalg.eigh(curvature).eigenvectors[:, -1]
     sharpness = eigenvalues[-1].item()
     spread = sum((top @ h @ top - sharpness).item() ** 2 for h in per_sample)
-    assert result.thresholds["mulayoff15"] == pytest.approx(2 * sharpness / (sharpness**2 + noise / n * spread), rel=1e-9)
+    assert result.thresholds["mulayoff15"] == pytest.approx(
+        2 * sharpness / (sharpness**2 + noise / n * spread), rel=1e-9
+    )
     mu_min = _dense_worst_case_alignment(jacobian, n, 2)
-    assert result.thresholds["frobenius"] == pytest.approx(1 / (frobenius_squared**0.5 * (noise * mu_min) ** 0.5), rel=1e-9)
+    assert result.thresholds["frobenius"] == pytest.approx(
+        1 / (frobenius_squared**0.5 * (noise * mu_min) ** 0.5), rel=1e-9
+    )
     values, vectors = torch.linalg.eigh(curvature)
     basis = vectors[:, values > 1e-10 * values[-1]]  # off range(H) the one-step matrix is the identity
     sigma_h = sum(h @ h for h in per_sample) / n - curvature @ curvature
@@ -236,7 +253,9 @@ def test_ingredients_match_dense_curvature():
         step = (identity - lr * curvature) @ (identity - lr * curvature) + lr**2 * noise * sigma_h
         return torch.linalg.eigvalsh(basis.T @ step @ basis)[-1].item() - 1
 
-    assert result.thresholds["wme"] == pytest.approx(_largest_crossing(one_step_excess, 2 / sharpness), rel=1e-8)
+    assert result.thresholds["wme"] == pytest.approx(
+        _largest_crossing(one_step_excess, 2 / sharpness), rel=1e-8
+    )
     assert (result.rank, result.loss, result.gradient_norm, result.warnings) == (14, 0.0, 0.0, ())
 
 
@@ -303,8 +322,12 @@ def test_stability_refuses_cross_entropy_and_oversized_k():
 
 def test_simulation_is_reproducible_and_takes_a_given_start():
     problem = _minimum(10, 6, 2)
-    first = simulate_linearized_sgd(problem, 0.5, 2, "without_replacement", num_steps=5, num_chains=50, seed=3)
-    second = simulate_linearized_sgd(problem, 0.5, 2, "without_replacement", num_steps=5, num_chains=50, seed=3)
+    first = simulate_linearized_sgd(
+        problem, 0.5, 2, "without_replacement", num_steps=5, num_chains=50, seed=3
+    )
+    second = simulate_linearized_sgd(
+        problem, 0.5, 2, "without_replacement", num_steps=5, num_chains=50, seed=3
+    )
     torch.testing.assert_close(first.loss_mean, second.loss_mean, rtol=0, atol=0)
     assert first.loss_mean.shape == first.loss_stderr.shape == (6,)
     start = torch.ones(12, dtype=torch.float64)

@@ -1,4 +1,5 @@
 """curvature_summary against the dense Hessian built by torch.func (the truth, not the code under test)."""
+
 import math
 
 import pytest
@@ -57,7 +58,9 @@ def test_no_density_and_unknown_operator(problem):
     assert summary.density == () and summary.operator == "gauss_newton"
     inputs, _ = (torch.cat(parts) for parts in zip(*problem.chunks()))
     jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(problem.parameters())
-    assert summary.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(jacobian.T @ jacobian / 30)[-1]), rel=1e-6)
+    assert summary.lambda_max == pytest.approx(
+        float(torch.linalg.eigvalsh(jacobian.T @ jacobian / 30)[-1]), rel=1e-6
+    )
     with pytest.raises(ValueError, match="operator must be one of"):
         curvature_summary(problem, operator="fisher")
 
@@ -66,7 +69,9 @@ def test_alignment_matches_dense_sigma_and_gauss_newton(problem):
     # mu = tr(Sigma G) / (2 L ||G||_F^2) from per-sample Jacobians (SPEC.md sections 1-2).
     inputs, targets = (torch.cat(parts) for parts in zip(*problem.chunks()))
     theta = problem.parameters()
-    jacobians = torch.func.vmap(torch.func.jacrev(lambda t, x: problem.forward(t, x[None])[0]), in_dims=(None, 0))(theta, inputs)
+    jacobians = torch.func.vmap(
+        torch.func.jacrev(lambda t, x: problem.forward(t, x[None])[0]), in_dims=(None, 0)
+    )(theta, inputs)
     residuals = problem.forward(theta, inputs) - targets
     gradients = torch.einsum("icp,ic->ip", jacobians, residuals)
     sigma = gradients.T @ gradients / 30 - torch.outer(gradients.mean(0), gradients.mean(0))

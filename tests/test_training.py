@@ -39,7 +39,9 @@ def test_one_sgd_step_is_the_spec_update(sampling):
 def test_chunked_batches_give_the_same_step():
     x, y = regression(n=12)
     a, b = linear(), linear()
-    train(a, x, y, 0.1, batch_size=12, sampling="with_replacement", max_steps=3, chunk_size=12, loss_goal=None)
+    train(
+        a, x, y, 0.1, batch_size=12, sampling="with_replacement", max_steps=3, chunk_size=12, loss_goal=None
+    )
     train(b, x, y, 0.1, batch_size=12, sampling="with_replacement", max_steps=3, chunk_size=5, loss_goal=None)
     torch.testing.assert_close(a.layers[1].weight, b.layers[1].weight, rtol=1e-13, atol=1e-15)
 
@@ -107,8 +109,16 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("sampling", ["with_replacement", "without_replacement"])
 def test_checkpoint_and_resume_match_an_uninterrupted_run_bit_for_bit(tmp_path, sampling):
     x, y = regression(n=10)
-    kwargs = dict(batch_size=3, sampling=sampling, seed=4, loss_goal=None, eval_every=2, measure_every=5,
-                  measure=["param_norm"], checkpoint_every=3)
+    kwargs = dict(
+        batch_size=3,
+        sampling=sampling,
+        seed=4,
+        loss_goal=None,
+        eval_every=2,
+        measure_every=5,
+        measure=["param_norm"],
+        checkpoint_every=3,
+    )
 
     def mlp():
         return build_model("mlp", input_shape=4, num_outputs=1, width=5, seed=1).double()
@@ -160,8 +170,18 @@ def test_measure_hook_runs_on_schedule_and_at_the_end():
         return {"first_weight": problem.parameters()[0].item()}
 
     model = linear()
-    result = train(model, x, y, 0.01, batch_size=2, max_steps=11, eval_every=5, measure_every=4, measure=hook,
-                   loss_goal=None)
+    result = train(
+        model,
+        x,
+        y,
+        0.01,
+        batch_size=2,
+        max_steps=11,
+        eval_every=5,
+        measure_every=4,
+        measure=hook,
+        loss_goal=None,
+    )
     assert [row["step"] for row in result.history] == [0, 4, 5, 8, 10]
     assert [row["step"] for row in result.history if "first_weight" in row] == [0, 4, 8]
     assert result.final["step"] == 11 and "first_weight" in result.final
@@ -177,8 +197,14 @@ def test_accuracy_is_recorded_for_class_targets():
     assert all(0 <= row["accuracy"] <= 1 for row in result.history)
     regression_result = train(linear(3), x, torch.randn(8, 1, dtype=f64), 0.1, max_steps=1)
     assert "accuracy" not in regression_result.final and regression_result.final_accuracy is None
-    labels = train(build_model("linear", input_shape=3, num_outputs=2).double(), x, torch.arange(8) % 2, 0.1,
-                   loss="cross_entropy", max_steps=1)
+    labels = train(
+        build_model("linear", input_shape=3, num_outputs=2).double(),
+        x,
+        torch.arange(8) % 2,
+        0.1,
+        loss="cross_entropy",
+        max_steps=1,
+    )
     assert labels.final_accuracy is not None
 
 
@@ -196,15 +222,18 @@ def test_named_metrics_and_registration():
         register_metric("loss", lambda problem: 0.0)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"lr": 0.0}, "lr must be a finite number > 0"),
-    ({"lr": -1.0}, "lr must be"),
-    ({"batch_size": 11}, "larger than the 10 samples"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"sampling": "shuffle"}, "unknown sampling"),
-    ({"divergence_factor": 1.0}, "divergence_factor"),
-    ({"eval_every": 0}, "eval_every"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"batch_size": 11}, "larger than the 10 samples"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"sampling": "shuffle"}, "unknown sampling"),
+        ({"divergence_factor": 1.0}, "divergence_factor"),
+        ({"eval_every": 0}, "eval_every"),
+    ],
+)
 def test_bad_arguments_are_value_errors(kwargs, message):
     x, y = regression()
     with pytest.raises(ValueError, match=message):

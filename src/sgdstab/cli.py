@@ -11,6 +11,7 @@
 users analyse their own models. A bad input (lr <= 0, B > n, an unknown model or data set, a
 missing file) exits with status 2 and a one-line reason on stderr.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,24 +24,33 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sgdstab.errors import SgdstabError
 from sgdstab.io import dumps
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Curvature, SGD noise alignment and linear stability of SGD (Wu, Wang & Su, NeurIPS 2022).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Curvature, SGD noise alignment and linear stability of SGD (Wu, Wang & Su, NeurIPS 2022).",
+)
 console = Console()
 errors = Console(stderr=True)
 
+
 @app.callback()
-def main(threads: int = typer.Option(
-    1, help="torch CPU threads (0: torch's default). One is fastest for the small ops of SGD on a shared CPU; "
-            "raise it for large models.")) -> None:
+def main(
+    threads: int = typer.Option(
+        1,
+        help="torch CPU threads (0: torch's default). One is fastest for the small ops of SGD on a shared CPU; "
+        "raise it for large models.",
+    ),
+) -> None:
     if threads:
         import torch
 
@@ -49,7 +59,7 @@ def main(threads: int = typer.Option(
 
 #: Exceptions that mean "the input is wrong", not "the program is wrong": reported in one line, exit 2.
 #: A bug elsewhere (AttributeError, ImportError, ...) keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, MemoryError, pickle.UnpicklingError)
+USER_ERRORS = (SgdstabError, ValueError, FileNotFoundError, MemoryError, pickle.UnpicklingError)
 
 
 @contextlib.contextmanager
@@ -79,8 +89,13 @@ def _emit(data: dict, as_json: bool, title: str) -> None:
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Progress]:
     """Bars on stderr, drawn only once a task is added: an input error before that stays one line."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=errors)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+    )
     try:
         yield bar
     finally:
@@ -91,15 +106,25 @@ def progress_bar() -> Iterator[Progress]:
 # ------------------------------------------------------------------------------------- reproduce
 @app.command()
 def reproduce(
-    scale: str = typer.Option("quick", help="quick: CPU, MNIST subset, small nets. full: CIFAR-10, VGG/ResNet, GPU. "
-                                            "smoke: seconds, to check an installation."),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these experiments: E2, or E1,E3; repeatable."),
-    data_dir: Optional[Path] = typer.Option(None, help="Data folder (e.g. the parent of cifar-10-batches-py)."),
+    scale: str = typer.Option(
+        "quick",
+        help="quick: CPU, MNIST subset, small nets. full: CIFAR-10, VGG/ResNet, GPU. "
+        "smoke: seconds, to check an installation.",
+    ),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="Run only these experiments: E2, or E1,E3; repeatable."
+    ),
+    data_dir: Path | None = typer.Option(None, help="Data folder (e.g. the parent of cifar-10-batches-py)."),
     out: Path = typer.Option(Path("results/quick"), help="Suite folder: results/<run>."),
-    device: Optional[str] = typer.Option(None, help="Device for every experiment (cpu, cuda, ...)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: E2.lrs=[0.02,0.05] or data.n=300; repeatable."),
-    download: bool = typer.Option(False, "--download", help="Fetch CIFAR-10 (MD5-checked) into --data-dir first "
-                                                              "when it is missing; needs internet."),
+    device: str | None = typer.Option(None, help="Device for every experiment (cpu, cuda, ...)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a setting: E2.lrs=[0.02,0.05] or data.n=300; repeatable."
+    ),
+    download: bool = typer.Option(
+        False,
+        "--download",
+        help="Fetch CIFAR-10 (MD5-checked) into --data-dir first when it is missing; needs internet.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Run the experiments E1-E5 (resuming finished runs) and write report.md / report.html in --out."""
@@ -119,8 +144,15 @@ def reproduce(
             bar.update(tasks[name], completed=done, description=label)
 
         chosen = [name for item in only or [] for name in item.split(",") if name]
-        analyses = run_suite(out, scale=scale, only=chosen, data_dir=str(data_dir) if data_dir else None,
-                             device=device, overrides=set_ or (), progress=progress)
+        analyses = run_suite(
+            out,
+            scale=scale,
+            only=chosen,
+            data_dir=str(data_dir) if data_dir else None,
+            device=device,
+            overrides=set_ or (),
+            progress=progress,
+        )
     verdicts = {name: {"holds": a["holds"], "checks": a["checks"]} for name, a in analyses.items()}
     if as_json:
         typer.echo(dumps(verdicts, indent=2))
@@ -151,14 +183,20 @@ def _parse_model_args(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., help="Run folder to write (config.json, checkpoint.pt, metrics.jsonl, final.json)."),
-    model: str = typer.Option("mlp", help="Model family: linear, deep_linear, random_features, mlp, vgg, resnet."),
-    model_arg: Optional[list[str]] = typer.Option(None, help="Model argument KEY=VALUE (e.g. width=64); repeatable."),
+    out: Path = typer.Option(
+        ..., help="Run folder to write (config.json, checkpoint.pt, metrics.jsonl, final.json)."
+    ),
+    model: str = typer.Option(
+        "mlp", help="Model family: linear, deep_linear, random_features, mlp, vgg, resnet."
+    ),
+    model_arg: list[str] | None = typer.Option(
+        None, help="Model argument KEY=VALUE (e.g. width=64); repeatable."
+    ),
     dataset: str = typer.Option("mnist", help="Data set: synthetic, digits, mnist, fashion_mnist, cifar10."),
     n: int = typer.Option(500, help="Number of training samples."),
     classes: str = typer.Option("0,1", help="Comma-separated class ids to keep ('' for all)."),
     targets: str = typer.Option("pm1", help="Targets: pm1 (two classes), onehot."),
-    data_dir: Optional[Path] = typer.Option(None, help="Data folder (default: the data set's own)."),
+    data_dir: Path | None = typer.Option(None, help="Data folder (default: the data set's own)."),
     lr: float = typer.Option(0.02, help="Learning rate eta > 0."),
     batch_size: int = typer.Option(8, help="Batch size B (0: full-batch GD)."),
     sampling: str = typer.Option("with_replacement", help="with_replacement or without_replacement."),
@@ -177,10 +215,18 @@ def train(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         class_ids = tuple(int(c) for c in classes.split(",")) if classes.strip() else None
-        spec = TrainSpec(data=DataConfig(dataset, n, class_ids, targets, str(data_dir) if data_dir else None, seed),
-                         model=ModelConfig(model, _parse_model_args(model_arg or [])), lr=lr,
-                         batch_size=batch_size or None, sampling=sampling, max_steps=max_steps, loss_goal=loss_goal,
-                         seed=seed, device=device, dtype=dtype)
+        spec = TrainSpec(
+            data=DataConfig(dataset, n, class_ids, targets, str(data_dir) if data_dir else None, seed),
+            model=ModelConfig(model, _parse_model_args(model_arg or [])),
+            lr=lr,
+            batch_size=batch_size or None,
+            sampling=sampling,
+            max_steps=max_steps,
+            loss_goal=loss_goal,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
         with progress_bar() as bar:
             task = bar.add_task("training", total=max_steps)
 
@@ -193,7 +239,7 @@ def train(
 
 
 # ------------------------------------------------------------------------------------- measure / stability
-def load_problem(run: Optional[Path], problem: Optional[str], device: Optional[str] = None):
+def load_problem(run: Path | None, problem: str | None, device: str | None = None):
     """The Problem to analyse: a run folder, or ``module:function`` returning a Problem."""
     from sgdstab.experiments.runs import load_run
     from sgdstab.problem import Problem
@@ -222,15 +268,15 @@ def load_problem(run: Optional[Path], problem: Optional[str], device: Optional[s
 
 @app.command()
 def measure(
-    run: Optional[Path] = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
-    problem: Optional[str] = typer.Option(None, help="module:function returning a sgdstab.Problem."),
+    run: Path | None = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
+    problem: str | None = typer.Option(None, help="module:function returning a sgdstab.Problem."),
     top_k: int = typer.Option(5, help="Number of top eigenvalues."),
     num_probes: int = typer.Option(100, help="Hutchinson probes for tr H and ||H||_F."),
     operator: str = typer.Option("hessian", help="hessian or gauss_newton."),
     alignment: str = typer.Option("exact", help="Alignment factor mu: exact, stochastic or none."),
     density: bool = typer.Option(True, help="Spectral density by stochastic Lanczos quadrature."),
     seed: int = typer.Option(0, help="Seed of the random probes."),
-    device: Optional[str] = typer.Option(None, help="Device to load a run folder on."),
+    device: str | None = typer.Option(None, help="Device to load a run folder on."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Curvature summary at a point: lambda_max, top-k, tr H, ||H||_F, spectral density, mu."""
@@ -239,19 +285,26 @@ def measure(
     with user_errors():
         loaded = load_problem(run, problem, device)
         with console.status("measuring", spinner="dots") if not as_json else contextlib.nullcontext():
-            summary = curvature_summary(loaded, top_k=top_k, num_probes=num_probes, seed=seed, density=density,
-                                        operator=operator, alignment=None if alignment == "none" else alignment)
+            summary = curvature_summary(
+                loaded,
+                top_k=top_k,
+                num_probes=num_probes,
+                seed=seed,
+                density=density,
+                operator=operator,
+                alignment=None if alignment == "none" else alignment,
+            )
     _emit(summary.to_dict(), as_json, f"curvature summary ({operator})")
 
 
 @app.command()
 def stability(
-    run: Optional[Path] = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
-    problem: Optional[str] = typer.Option(None, help="module:function returning a sgdstab.Problem."),
+    run: Path | None = typer.Argument(None, help="A run folder (or its checkpoint.pt)."),
+    problem: str | None = typer.Option(None, help="module:function returning a sgdstab.Problem."),
     lr: float = typer.Option(..., help="Learning rate eta at which to test stability."),
     batch_size: int = typer.Option(..., help="Batch size B."),
     sampling: str = typer.Option("with_replacement", help="with_replacement or without_replacement."),
-    device: Optional[str] = typer.Option(None, help="Device to load a run folder on."),
+    device: str | None = typer.Option(None, help="Device to load a run folder on."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Linear stability of SGD(lr, B) at a minimum, with the threshold of every criterion."""
@@ -259,20 +312,26 @@ def stability(
 
     with user_errors():
         loaded = load_problem(run, problem, device)
-        with warnings.catch_warnings(record=True), (
-            console.status("analysing", spinner="dots") if not as_json else contextlib.nullcontext()
+        with (
+            warnings.catch_warnings(record=True),
+            console.status("analysing", spinner="dots") if not as_json else contextlib.nullcontext(),
         ):
             result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
     data = dataclasses.asdict(result)
     if not as_json:
         data.update({f"threshold {k}": v for k, v in data.pop("thresholds").items()})
         data["warnings"] = "; ".join(data["warnings"]) or "none"
-    _emit({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}, as_json,
-          f"linear stability of SGD(eta={lr:g}, B={batch_size})")
+    _emit(
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()},
+        as_json,
+        f"linear stability of SGD(eta={lr:g}, B={batch_size})",
+    )
 
 
 @app.command()
-def report(results: Path = typer.Argument(..., help="A suite folder written by `sgdstab reproduce`.")) -> None:
+def report(
+    results: Path = typer.Argument(..., help="A suite folder written by `sgdstab reproduce`."),
+) -> None:
     """Re-render report.md, report.html and the figures of a suite folder."""
     from sgdstab.report import write_report
 

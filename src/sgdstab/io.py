@@ -11,6 +11,7 @@ JSON is written with Python's extension for non-finite floats (``NaN``, ``Infini
 diverged run has an infinite loss and that is a result, not an error; Python's ``json`` and
 pandas read these files back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,9 @@ def _to_json(value: Any) -> Any:
         return os.fspath(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    raise TypeError(f"cannot write a {type(value).__name__} to JSON: convert it to a number, string, list or dict")
+    raise TypeError(
+        f"cannot write a {type(value).__name__} to JSON: convert it to a number, string, list or dict"
+    )
 
 
 def dumps(obj: Any, indent: int | None = None) -> str:
@@ -123,7 +126,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); the file is damaged") from None
+            raise ValueError(
+                f"{path}: line {number} is not valid JSON ({err.msg}); the file is damaged"
+            ) from None
     return rows
 
 
@@ -190,4 +195,3 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
-

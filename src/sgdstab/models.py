@@ -26,6 +26,7 @@ Conventions shared by every family:
 - No BatchNorm and no Dropout anywhere: the output is a deterministic function of the
   parameters, which every curvature and noise computation of this package assumes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,12 @@ from torch import Tensor, nn
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 #: Convolutions per stage of the standard VGG configurations (Simonyan & Zisserman 2015, table 1).
-VGG_STAGES: dict[int, tuple[int, ...]] = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+VGG_STAGES: dict[int, tuple[int, ...]] = {
+    11: (1, 1, 2, 2, 2),
+    13: (2, 2, 2, 2, 2),
+    16: (2, 2, 3, 3, 3),
+    19: (2, 2, 4, 4, 4),
+}
 
 
 def vgg_stages(depth: int) -> tuple[int, ...]:
@@ -114,7 +120,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     """
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None:
-        raise ValueError(f"this {type(model).__name__} was not made by sgdstab.models.build_model, so it has no config")
+        raise ValueError(
+            f"this {type(model).__name__} was not made by sgdstab.models.build_model, so it has no config"
+        )
     return copy.deepcopy(config)
 
 
@@ -149,13 +157,17 @@ def _flat_size(input_shape: int | Sequence[int]) -> int:
 
 def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     if isinstance(input_shape, int) or len(input_shape) != 3:
-        raise ValueError(f"a CNN needs input_shape = (channels, height, width), e.g. (3, 32, 32); got {input_shape!r}")
+        raise ValueError(
+            f"a CNN needs input_shape = (channels, height, width), e.g. (3, 32, 32); got {input_shape!r}"
+        )
     for size in input_shape:
         _positive_int("every entry of input_shape", size)
     return tuple(input_shape)
 
 
-def _stages(depth: int | Sequence[int], table: Callable[[int], tuple[int, ...]], what: str) -> tuple[int, ...]:
+def _stages(
+    depth: int | Sequence[int], table: Callable[[int], tuple[int, ...]], what: str
+) -> tuple[int, ...]:
     stages = table(depth) if isinstance(depth, int) else tuple(depth)
     if not stages:
         raise ValueError(f"depth needs at least one stage of {what}")
@@ -165,7 +177,9 @@ def _stages(depth: int | Sequence[int], table: Callable[[int], tuple[int, ...]],
 
 
 # --------------------------------------------------------------------------------------- init
-def _initialize(model: nn.Module, seed: int, init_scale: float, gain: float, scaled: dict[nn.Module, float] | None = None) -> None:
+def _initialize(
+    model: nn.Module, seed: int, init_scale: float, gain: float, scaled: dict[nn.Module, float] | None = None
+) -> None:
     """Redraw every Linear/Conv2d weight from N(0, (init_scale * g)^2 / fan_in); zero the biases.
 
     ``g`` is ``gain`` for hidden layers and 1 for the last layer (the output has no activation
@@ -198,8 +212,15 @@ class FullyConnected(nn.Module):
     depth 1 is the linear model f = W x.
     """
 
-    def __init__(self, input_shape: int | Sequence[int], num_outputs: int, depth: int, width: int,
-                 activation: str | None, bias: bool):
+    def __init__(
+        self,
+        input_shape: int | Sequence[int],
+        num_outputs: int,
+        depth: int,
+        width: int,
+        activation: str | None,
+        bias: bool,
+    ):
         super().__init__()
         in_features = _flat_size(input_shape)
         _positive_int("num_outputs", num_outputs)
@@ -218,8 +239,13 @@ class FullyConnected(nn.Module):
 
 
 @register_model("linear")
-def _linear(input_shape: int | Sequence[int], num_outputs: int, bias: bool = False, init_scale: float = 1.0,
-            seed: int = 0) -> nn.Module:
+def _linear(
+    input_shape: int | Sequence[int],
+    num_outputs: int,
+    bias: bool = False,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """f(x) = W x (+ b). ``init_scale=0`` starts at W = 0."""
     model = FullyConnected(input_shape, num_outputs, depth=1, width=1, activation=None, bias=bias)
     _initialize(model, seed, init_scale, _gain(None))
@@ -227,8 +253,15 @@ def _linear(input_shape: int | Sequence[int], num_outputs: int, bias: bool = Fal
 
 
 @register_model("deep_linear")
-def _deep_linear(input_shape: int | Sequence[int], num_outputs: int, depth: int = 3, width: int = 32,
-                 bias: bool = False, init_scale: float = 1.0, seed: int = 0) -> nn.Module:
+def _deep_linear(
+    input_shape: int | Sequence[int],
+    num_outputs: int,
+    depth: int = 3,
+    width: int = 32,
+    bias: bool = False,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """f(x) = W_depth ... W_1 x with hidden widths ``width`` and no activations."""
     model = FullyConnected(input_shape, num_outputs, depth=depth, width=width, activation=None, bias=bias)
     _initialize(model, seed, init_scale, _gain(None))
@@ -236,11 +269,21 @@ def _deep_linear(input_shape: int | Sequence[int], num_outputs: int, depth: int 
 
 
 @register_model("mlp")
-def _mlp(input_shape: int | Sequence[int], num_outputs: int, depth: int = 2, width: int = 128,
-         activation: str = "tanh", bias: bool = True, init_scale: float = 1.0, seed: int = 0) -> nn.Module:
+def _mlp(
+    input_shape: int | Sequence[int],
+    num_outputs: int,
+    depth: int = 2,
+    width: int = 128,
+    activation: str = "tanh",
+    bias: bool = True,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """Fully connected network: ``depth`` linear layers (``depth - 1`` hidden layers of ``width``)."""
     _activation(activation)
-    model = FullyConnected(input_shape, num_outputs, depth=depth, width=width, activation=activation, bias=bias)
+    model = FullyConnected(
+        input_shape, num_outputs, depth=depth, width=width, activation=activation, bias=bias
+    )
     _initialize(model, seed, init_scale, _gain(activation))
     return model
 
@@ -259,8 +302,16 @@ class RandomFeatures(nn.Module):
     eigenvalue in the feature covariance and weakens the alignment lower bound (SPEC.md section 2).
     """
 
-    def __init__(self, input_shape: int | Sequence[int], num_outputs: int, num_features: int, activation: str,
-                 centered: bool, bias: bool, seed: int):
+    def __init__(
+        self,
+        input_shape: int | Sequence[int],
+        num_outputs: int,
+        num_features: int,
+        activation: str,
+        centered: bool,
+        bias: bool,
+        seed: int,
+    ):
         super().__init__()
         self.in_features = _flat_size(input_shape)
         _positive_int("num_outputs", num_outputs)
@@ -287,9 +338,16 @@ class RandomFeatures(nn.Module):
 
 
 @register_model("random_features")
-def _random_features(input_shape: int | Sequence[int], num_outputs: int, num_features: int = 256,
-                     activation: str = "relu", centered: bool = False, bias: bool = False,
-                     init_scale: float = 1.0, seed: int = 0) -> nn.Module:
+def _random_features(
+    input_shape: int | Sequence[int],
+    num_outputs: int,
+    num_features: int = 256,
+    activation: str = "relu",
+    centered: bool = False,
+    bias: bool = False,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """Random feature model; ``num_features`` is its width.
 
     W is drawn from ``seed`` and the readout from ``seed + 1``, separate streams so the readout
@@ -301,8 +359,12 @@ def _random_features(input_shape: int | Sequence[int], num_outputs: int, num_fea
 
 
 # --------------------------------------------------------------------------------------- CNNs
-def _conv(in_channels: int, out_channels: int, bias: bool, stride: int = 1, kernel_size: int = 3) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
+def _conv(
+    in_channels: int, out_channels: int, bias: bool, stride: int = 1, kernel_size: int = 3
+) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
+    )
 
 
 def _stage_channels(width: int, stage: int) -> int:
@@ -318,8 +380,15 @@ class VGG(nn.Module):
     Stage k has ``width * min(2^k, 8)`` channels; width 64 gives the original 64-128-256-512-512.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, stages: Sequence[int], width: int,
-                 activation: str, bias: bool):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_outputs: int,
+        stages: Sequence[int],
+        width: int,
+        activation: str,
+        bias: bool,
+    ):
         super().__init__()
         channels, height, width_px = _image_shape(input_shape)
         _positive_int("num_outputs", num_outputs)
@@ -347,8 +416,16 @@ class VGG(nn.Module):
 
 
 @register_model("vgg")
-def _vgg(input_shape: Sequence[int], num_outputs: int, depth: int | Sequence[int] = 11, width: int = 16,
-         activation: str = "relu", bias: bool = True, init_scale: float = 1.0, seed: int = 0) -> nn.Module:
+def _vgg(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    depth: int | Sequence[int] = 11,
+    width: int = 16,
+    activation: str = "relu",
+    bias: bool = True,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """VGG-``depth`` (11, 13, 16 or 19), or ``depth`` = a list of convolutions per stage, e.g. [1, 1]."""
     model = VGG(input_shape, num_outputs, _stages(depth, vgg_stages, "convolutions"), width, activation, bias)
     _initialize(model, seed, init_scale, _gain(activation))
@@ -357,15 +434,21 @@ def _vgg(input_shape: Sequence[int], num_outputs: int, depth: int | Sequence[int
 
 class ResidualBlock(nn.Module):
     """out = act(shortcut(x) + conv(act(conv(x)))); the shortcut is the identity, or a strided
-    1x1 convolution where the block changes resolution or channels."""
+    1x1 convolution where the block changes resolution or channels.
+    """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, activation: type[nn.Module], bias: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, activation: type[nn.Module], bias: bool
+    ):
         super().__init__()
         self.branch = nn.Sequential(
-            _conv(in_channels, out_channels, bias, stride=stride), activation(), _conv(out_channels, out_channels, bias)
+            _conv(in_channels, out_channels, bias, stride=stride),
+            activation(),
+            _conv(out_channels, out_channels, bias),
         )
         self.shortcut = (
-            nn.Identity() if stride == 1 and in_channels == out_channels
+            nn.Identity()
+            if stride == 1 and in_channels == out_channels
             else _conv(in_channels, out_channels, bias, stride=stride, kernel_size=1)
         )
         self.activation = activation()
@@ -384,8 +467,15 @@ class ResNet(nn.Module):
     Fixup (Zhang, Dauphin & Ma, ICLR 2019) for two-layer branches.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, stages: Sequence[int], width: int,
-                 activation: str, bias: bool):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_outputs: int,
+        stages: Sequence[int],
+        width: int,
+        activation: str,
+        bias: bool,
+    ):
         super().__init__()
         channels = _image_shape(input_shape)[0]
         _positive_int("num_outputs", num_outputs)
@@ -409,10 +499,26 @@ class ResNet(nn.Module):
 
 
 @register_model("resnet")
-def _resnet(input_shape: Sequence[int], num_outputs: int, depth: int | Sequence[int] = 20, width: int = 16,
-            activation: str = "relu", bias: bool = True, init_scale: float = 1.0, seed: int = 0) -> nn.Module:
+def _resnet(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    depth: int | Sequence[int] = 20,
+    width: int = 16,
+    activation: str = "relu",
+    bias: bool = True,
+    init_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Module:
     """ResNet-``depth`` with depth = 6m + 2 (3 stages of m blocks), or ``depth`` = a list of blocks per stage."""
-    model = ResNet(input_shape, num_outputs, _stages(depth, resnet_stages, "residual blocks"), width, activation, bias)
+    model = ResNet(
+        input_shape, num_outputs, _stages(depth, resnet_stages, "residual blocks"), width, activation, bias
+    )
     branch_scale = len(model.blocks) ** -0.5
-    _initialize(model, seed, init_scale, _gain(activation), scaled={block.branch[-1]: branch_scale for block in model.blocks})
+    _initialize(
+        model,
+        seed,
+        init_scale,
+        _gain(activation),
+        scaled={block.branch[-1]: branch_scale for block in model.blocks},
+    )
     return model

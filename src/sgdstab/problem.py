@@ -5,21 +5,23 @@ the C outputs and averaged over samples (``torch.nn.MSELoss()`` is 2/C times thi
 is L = (1/n) sum_i CE(f(x_i), y_i) with integer class targets. The whole data set is evaluated in
 chunks of ``chunk_size`` samples so memory stays bounded whatever n.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sgdstab.errors import InputError
+
 LOSSES = ("mse", "cross_entropy")
 _MODE_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
-class ProblemError(ValueError):
+class ProblemError(InputError):
     """A Problem was given inputs it cannot evaluate; the message says what to change."""
 
 
@@ -90,7 +92,7 @@ class Problem:
     @classmethod
     def from_loader(
         cls, model: nn.Module, loader: Iterable, loss: str = "mse", params: Sequence[str] | None = None
-    ) -> "Problem":
+    ) -> Problem:
         """A Problem whose data is read from a loader of (inputs, targets) batches on every pass.
 
         The loader is iterated once per pass over the data, so only one batch is in memory at a
@@ -109,7 +111,9 @@ class Problem:
             first_inputs, first_targets = next(batches)
         except StopIteration:
             raise ProblemError("the loader yields no batches: a Problem needs at least one sample") from None
-        problem = cls(model, first_inputs, first_targets, loss=loss, chunk_size=len(first_inputs), params=params)
+        problem = cls(
+            model, first_inputs, first_targets, loss=loss, chunk_size=len(first_inputs), params=params
+        )
         problem._loader = loader
         problem._inputs = problem._targets = None
         problem.num_samples = sum(len(x) for x, _ in loader)
@@ -121,7 +125,11 @@ class Problem:
         if not isinstance(model, nn.Module):
             raise ProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if model.training:
-            offending = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, _MODE_SENSITIVE)]
+            offending = [
+                name or type(m).__name__
+                for name, m in model.named_modules()
+                if isinstance(m, _MODE_SENSITIVE)
+            ]
             if offending:
                 raise ProblemError(
                     f"the model is in training mode and has Dropout/BatchNorm layers ({', '.join(offending[:3])}); "
@@ -180,12 +188,16 @@ class Problem:
 
     def parameters(self) -> Tensor:
         """The current parameters of the chosen subset as one flat, detached vector."""
-        return torch.cat([p.detach().reshape(-1) for n, p in self.model.named_parameters() if n in self.param_names])
+        return torch.cat(
+            [p.detach().reshape(-1) for n, p in self.model.named_parameters() if n in self.param_names]
+        )
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Split a flat vector into a {name: tensor} dict of the chosen parameters."""
         if theta.shape != (self.num_params,):
-            raise ProblemError(f"theta must be a flat vector of length {self.num_params}, got shape {tuple(theta.shape)}")
+            raise ProblemError(
+                f"theta must be a flat vector of length {self.num_params}, got shape {tuple(theta.shape)}"
+            )
         pieces = torch.split(theta, self._param_sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
 
@@ -232,7 +244,9 @@ class Problem:
             total = sum(self.chunk_loss_sum(theta, x, y).item() for x, y in self.chunks())
         value = total / self.num_samples
         if not math.isfinite(value):
-            raise ProblemError(f"the loss is not finite ({value}) at these parameters: the model has diverged or the data holds NaN/inf")
+            raise ProblemError(
+                f"the loss is not finite ({value}) at these parameters: the model has diverged or the data holds NaN/inf"
+            )
         return value
 
     def gradient(self, theta: Tensor | None = None) -> Tensor:
@@ -264,7 +278,7 @@ class Problem:
             )
 
     def sample_function(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
-        """x -> f(x; theta) flattened to C outputs, for torch.func transforms over one sample."""
+        """X -> f(x; theta) flattened to C outputs, for torch.func transforms over one sample."""
         return lambda x: self.forward(theta, x.unsqueeze(0)).reshape(-1)
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ from one list of blocks, so they always say the same thing.
 Figures use matplotlib's object API on a bare ``Figure`` (Agg canvas), never pyplot, so rendering
 a report does not touch the caller's backend.
 """
+
 from __future__ import annotations
 
 import html
@@ -45,7 +46,11 @@ def fmt(value: Any) -> str:
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> Block:
-    return ("table", [header for header, _ in columns], [[fmt(row.get(key)) for _, key in columns] for row in rows])
+    return (
+        "table",
+        [header for header, _ in columns],
+        [[fmt(row.get(key)) for _, key in columns] for row in rows],
+    )
 
 
 # ------------------------------------------------------------------------------------- figures
@@ -77,10 +82,21 @@ def _plot_e2(analysis: dict, fig: Figure) -> None:
     colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4))
     for size in sizes:
         group = [r for r in converged if r["batch_size"] == size]
-        axis.errorbar([r["sqrt_b_over_lr"] for r in group], [r["frobenius"] for r in group],
-                      yerr=[r["frobenius_stderr"] for r in group], fmt="o", color=colors[size], label=f"B={size}")
-        axis.scatter([r["sqrt_b_over_lr"] for r in group], [r["bound"] for r in group], marker="_", s=200,
-                     color=colors[size])
+        axis.errorbar(
+            [r["sqrt_b_over_lr"] for r in group],
+            [r["frobenius"] for r in group],
+            yerr=[r["frobenius_stderr"] for r in group],
+            fmt="o",
+            color=colors[size],
+            label=f"B={size}",
+        )
+        axis.scatter(
+            [r["sqrt_b_over_lr"] for r in group],
+            [r["bound"] for r in group],
+            marker="_",
+            s=200,
+            color=colors[size],
+        )
     xs = [r["sqrt_b_over_lr"] for r in analysis["rows"] if math.isfinite(r["sqrt_b_over_lr"])]
     if converged and xs:
         mu = float(np.median([r["mu"] for r in converged]))
@@ -91,10 +107,20 @@ def _plot_e2(analysis: dict, fig: Figure) -> None:
         floor = 1.0
     diverged = [r for r in analysis["rows"] if r["status"] == "diverged"]
     if diverged:
-        axis.scatter([r["sqrt_b_over_lr"] for r in diverged], [floor] * len(diverged), marker="x", color="red",
-                     label="diverged (placed at the bottom)")
-    axis.set(xscale="log", yscale="log", xlabel="1/(eta sqrt(p_B))  (= sqrt(B)/eta with replacement)",
-             ylabel="||H||_F at the minimum", title="||H||_F of SGD minima; bars: each run's own bound")
+        axis.scatter(
+            [r["sqrt_b_over_lr"] for r in diverged],
+            [floor] * len(diverged),
+            marker="x",
+            color="red",
+            label="diverged (placed at the bottom)",
+        )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="1/(eta sqrt(p_B))  (= sqrt(B)/eta with replacement)",
+        ylabel="||H||_F at the minimum",
+        title="||H||_F of SGD minima; bars: each run's own bound",
+    )
     axis.legend(fontsize=8)
 
 
@@ -105,12 +131,19 @@ def _plot_e3(analysis: dict, fig: Figure) -> None:
         for line, (quantity, label) in enumerate(quantities):
             axis = axes[line, column]
             for optimizer, style in (("SGD", "o-"), ("GD", "s--")):
-                points = sorted((r[key], r[quantity]) for r in analysis["rows"]
-                                if r["sweep"] == sweep and r["optimizer"] == optimizer and quantity in r)
+                points = sorted(
+                    (r[key], r[quantity])
+                    for r in analysis["rows"]
+                    if r["sweep"] == sweep and r["optimizer"] == optimizer and quantity in r
+                )
                 if points:
                     axis.plot(*zip(*points), style, label=optimizer)
             if quantity == "frobenius":
-                bounds = sorted((r[key], r["sgd_bound"]) for r in analysis["rows"] if r["sweep"] == sweep and "sgd_bound" in r and r["optimizer"] == "SGD")
+                bounds = sorted(
+                    (r[key], r["sgd_bound"])
+                    for r in analysis["rows"]
+                    if r["sweep"] == sweep and "sgd_bound" in r and r["optimizer"] == "SGD"
+                )
                 if bounds:
                     axis.plot(*zip(*bounds), "k:", label="SGD bound sqrt(B/mu)/eta")
             if quantity == "lambda_max":
@@ -127,66 +160,159 @@ def _plot_e3(analysis: dict, fig: Figure) -> None:
 def _plot_e4(analysis: dict, fig: Figure) -> None:
     axis = fig.subplots()
     for index, curve in enumerate(analysis["curves"]):
-        axis.plot([s for s, _ in curve], np.log([loss for _, loss in curve]), color="C0", alpha=0.2, lw=0.8,
-                  label="single SGD runs" if index == 0 else None)
+        axis.plot(
+            [s for s, _ in curve],
+            np.log([loss for _, loss in curve]),
+            color="C0",
+            alpha=0.2,
+            lw=0.8,
+            label="single SGD runs" if index == 0 else None,
+        )
     log_mean = np.array(analysis["measured"]["log_mean_loss"])
     steps = np.arange(len(log_mean))
-    axis.plot(steps, log_mean, color="C0", lw=2, label=f"log mean loss, SGD (slope {analysis['measured']['rate']:.3f})")
+    axis.plot(
+        steps,
+        log_mean,
+        color="C0",
+        lw=2,
+        label=f"log mean loss, SGD (slope {analysis['measured']['rate']:.3f})",
+    )
     minimum = analysis["minimum"]
     linearized = np.log(minimum["linearized_loss"])
-    axis.plot(np.arange(len(linearized)), linearized, color="C2", lw=1.5,
-              label=f"linearised SGD (slope {analysis['linearized_rate']:.3f})")
+    axis.plot(
+        np.arange(len(linearized)),
+        linearized,
+        color="C2",
+        lw=1.5,
+        label=f"linearised SGD (slope {analysis['linearized_rate']:.3f})",
+    )
     start = log_mean[0]
     fitted = analysis["measured"]["fitted_steps"]
-    for rate, style, label in ((minimum["predicted_rate"], "k--", "predicted log(eta^2 p_B mu ||H||_F^2)"),
-                               (minimum["exact_rate"], "r:", "exact log rho(T)"),
-                               (minimum["rigorous_rate"], "m-.", "rigorous, with mu_min")):
+    for rate, style, label in (
+        (minimum["predicted_rate"], "k--", "predicted log(eta^2 p_B mu ||H||_F^2)"),
+        (minimum["exact_rate"], "r:", "exact log rho(T)"),
+        (minimum["rigorous_rate"], "m-.", "rigorous, with mu_min"),
+    ):
         axis.plot(steps, start + rate * steps, style, lw=1, label=f"{label} = {rate:.3f}")
     axis.axvspan(0, fitted - 1, color="grey", alpha=0.1, label="fit window")
-    axis.set(xlabel="SGD step from the GD minimum", ylabel="log training loss",
-             ylim=(start - 2, max(log_mean.max(), start) + 3), title="escape from the GD minimum")
+    axis.set(
+        xlabel="SGD step from the GD minimum",
+        ylabel="log training loss",
+        ylim=(start - 2, max(log_mean.max(), start) + 3),
+        title="escape from the GD minimum",
+    )
     axis.legend(fontsize=7)
 
 
 def _plot_e5(analysis: dict, fig: Figure) -> None:
     axis = fig.subplots()
-    criteria = ("exact", "empirical", "gd", "frobenius", "trace", "mulayoff15", "mulayoff16", "mulayoff24", "wme")
+    criteria = (
+        "exact",
+        "empirical",
+        "gd",
+        "frobenius",
+        "trace",
+        "mulayoff15",
+        "mulayoff16",
+        "mulayoff24",
+        "wme",
+    )
     markers = dict(zip(criteria, ("D", "*", "o", "s", "^", "v", "<", ">", "x")))
     cases = [f"{r['minimum']} minimum, B={r['batch_size']}" for r in analysis["rows"]]
     for index, row in enumerate(analysis["rows"]):
         for name in criteria:
             if math.isfinite(row[name]):
-                axis.scatter(row[name], index, marker=markers[name], s=80 if name in ("exact", "empirical") else 40,
-                             color=f"C{criteria.index(name)}", label=name if index == 0 else None)
-    axis.set(xscale="log", yticks=range(len(cases)), yticklabels=cases, xlabel="largest stable learning rate",
-             title="thresholds per criterion (necessary ones should lie right of exact; wme left)")
+                axis.scatter(
+                    row[name],
+                    index,
+                    marker=markers[name],
+                    s=80 if name in ("exact", "empirical") else 40,
+                    color=f"C{criteria.index(name)}",
+                    label=name if index == 0 else None,
+                )
+    axis.set(
+        xscale="log",
+        yticks=range(len(cases)),
+        yticklabels=cases,
+        xlabel="largest stable learning rate",
+        title="thresholds per criterion (necessary ones should lie right of exact; wme left)",
+    )
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
 
 
 def _plot_density(row: dict, fig: Figure) -> None:
     axis = fig.subplots()
     axis.semilogy(row["density_grid"], np.maximum(row["density"], 1e-12))
-    axis.set(xlabel="eigenvalue of H", ylabel="smoothed spectral density", ylim=(1e-6, None),
-             title=f"Hessian spectral density (SLQ), eta={row['lr']:g}, B={row['batch_size']}")
+    axis.set(
+        xlabel="eigenvalue of H",
+        ylabel="smoothed spectral density",
+        ylim=(1e-6, None),
+        title=f"Hessian spectral density (SLQ), eta={row['lr']:g}, B={row['batch_size']}",
+    )
 
 
 PLOTS: dict[str, tuple[Callable[[dict, Figure], None], tuple[float, float]]] = {
-    "E1": (_plot_e1, (10, 4)), "E2": (_plot_e2, (7, 5)), "E3": (_plot_e3, (9, 9)), "E4": (_plot_e4, (8, 5)),
+    "E1": (_plot_e1, (10, 4)),
+    "E2": (_plot_e2, (7, 5)),
+    "E3": (_plot_e3, (9, 9)),
+    "E4": (_plot_e4, (8, 5)),
     "E5": (_plot_e5, (9, 4)),
 }
 
 COLUMNS = {
-    "E1": [("family", "family"), ("model", "model"), ("eta", "lr"), ("status", "status"), ("final loss", "final_loss"),
-           ("mu at init", "mu_initial"), ("min mu", "mu_min"), ("max mu", "mu_max"), ("final mu", "mu_final")],
-    "E2": [("eta", "lr"), ("B", "batch_size"), ("status", "status"), ("steps", "steps"), ("loss", "loss"),
-           ("||H||_F", "frobenius"), ("+-", "frobenius_stderr"), ("lambda_max", "lambda_max"), ("tr H", "trace"),
-           ("mu", "mu"), ("mu_min", "mu_min"), ("bound sqrt(B/mu)/eta", "bound"), ("||H||_F / bound", "ratio")],
-    "E3": [("sweep", "sweep"), ("optimizer", "optimizer"), ("width", "width"), ("n", "n"), ("status", "status"),
-           ("steps", "steps"), ("||H||_F", "frobenius"), ("lambda_max", "lambda_max"), ("tr H", "trace"), ("mu", "mu"),
-           ("SGD bound", "sgd_bound")],
-    "E5": [("minimum", "minimum"), ("B", "batch_size"), ("exact", "exact"), ("empirical", "empirical"), ("gd", "gd"),
-           ("frobenius", "frobenius"), ("trace", "trace"), ("(15)", "mulayoff15"), ("(16)", "mulayoff16"),
-           ("(24)", "mulayoff24"), ("wme", "wme"), ("mu_min", "mu_min")],
+    "E1": [
+        ("family", "family"),
+        ("model", "model"),
+        ("eta", "lr"),
+        ("status", "status"),
+        ("final loss", "final_loss"),
+        ("mu at init", "mu_initial"),
+        ("min mu", "mu_min"),
+        ("max mu", "mu_max"),
+        ("final mu", "mu_final"),
+    ],
+    "E2": [
+        ("eta", "lr"),
+        ("B", "batch_size"),
+        ("status", "status"),
+        ("steps", "steps"),
+        ("loss", "loss"),
+        ("||H||_F", "frobenius"),
+        ("+-", "frobenius_stderr"),
+        ("lambda_max", "lambda_max"),
+        ("tr H", "trace"),
+        ("mu", "mu"),
+        ("mu_min", "mu_min"),
+        ("bound sqrt(B/mu)/eta", "bound"),
+        ("||H||_F / bound", "ratio"),
+    ],
+    "E3": [
+        ("sweep", "sweep"),
+        ("optimizer", "optimizer"),
+        ("width", "width"),
+        ("n", "n"),
+        ("status", "status"),
+        ("steps", "steps"),
+        ("||H||_F", "frobenius"),
+        ("lambda_max", "lambda_max"),
+        ("tr H", "trace"),
+        ("mu", "mu"),
+        ("SGD bound", "sgd_bound"),
+    ],
+    "E5": [
+        ("minimum", "minimum"),
+        ("B", "batch_size"),
+        ("exact", "exact"),
+        ("empirical", "empirical"),
+        ("gd", "gd"),
+        ("frobenius", "frobenius"),
+        ("trace", "trace"),
+        ("(15)", "mulayoff15"),
+        ("(16)", "mulayoff16"),
+        ("(24)", "mulayoff24"),
+        ("wme", "wme"),
+        ("mu_min", "mu_min"),
+    ],
 }
 
 
@@ -194,24 +320,42 @@ def _e4_rows(analysis: dict) -> list[dict]:
     minimum = analysis["minimum"]
     if "measured" not in analysis:
         return []
-    return [{"quantity": "escape rate per step, measured (SGD)", "value": analysis["measured"]["rate"],
-             "note": f"+- {analysis['measured']['stderr']:.3g}, first {analysis['measured']['fitted_steps']} steps"},
-            {"quantity": "linearised SGD, same window", "value": analysis["linearized_rate"], "note": ""},
-            {"quantity": "predicted log(eta^2 p_B mu ||H||_F^2)", "value": minimum["predicted_rate"],
-             "note": f"mu = {minimum['curvature']['mu']:.3g}"},
-            {"quantity": "exact log rho(T)", "value": minimum["exact_rate"], "note": ""},
-            {"quantity": "rigorous, mu_min", "value": minimum["rigorous_rate"], "note": f"mu_min = {minimum['mu_min']:.3g}"},
-            {"quantity": "||H||_F at the GD minimum", "value": minimum["curvature"]["frobenius"], "note": ""},
-            {"quantity": "lambda_max at the GD minimum", "value": minimum["lambda_max"], "note": ""},
-            {"quantity": "SGD eta", "value": minimum["sgd_lr"], "note": f"2/lambda_max = {minimum['thresholds']['gd']:.4g}"}]
+    return [
+        {
+            "quantity": "escape rate per step, measured (SGD)",
+            "value": analysis["measured"]["rate"],
+            "note": f"+- {analysis['measured']['stderr']:.3g}, first {analysis['measured']['fitted_steps']} steps",
+        },
+        {"quantity": "linearised SGD, same window", "value": analysis["linearized_rate"], "note": ""},
+        {
+            "quantity": "predicted log(eta^2 p_B mu ||H||_F^2)",
+            "value": minimum["predicted_rate"],
+            "note": f"mu = {minimum['curvature']['mu']:.3g}",
+        },
+        {"quantity": "exact log rho(T)", "value": minimum["exact_rate"], "note": ""},
+        {
+            "quantity": "rigorous, mu_min",
+            "value": minimum["rigorous_rate"],
+            "note": f"mu_min = {minimum['mu_min']:.3g}",
+        },
+        {"quantity": "||H||_F at the GD minimum", "value": minimum["curvature"]["frobenius"], "note": ""},
+        {"quantity": "lambda_max at the GD minimum", "value": minimum["lambda_max"], "note": ""},
+        {
+            "quantity": "SGD eta",
+            "value": minimum["sgd_lr"],
+            "note": f"2/lambda_max = {minimum['thresholds']['gd']:.4g}",
+        },
+    ]
 
 
 # ------------------------------------------------------------------------------------- blocks
 def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Path) -> list[Block]:
-    blocks: list[Block] = [("heading", 2, f"{name}: {analysis['title']}"),
-                           ("text", f"Claim: {analysis['claim']}"),
-                           ("text", f"Verdict: **{VERDICTS[analysis['holds']]}**" + (f" (scale: {scale})" if scale else "")),
-                           ("checks", analysis["checks"])]
+    blocks: list[Block] = [
+        ("heading", 2, f"{name}: {analysis['title']}"),
+        ("text", f"Claim: {analysis['claim']}"),
+        ("text", f"Verdict: **{VERDICTS[analysis['holds']]}**" + (f" (scale: {scale})" if scale else "")),
+        ("checks", analysis["checks"]),
+    ]
     plot, size = PLOTS[name]
     if _plottable(name, analysis):
         path = figures / f"{name}.png"
@@ -220,7 +364,9 @@ def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Pa
         _save(fig, path)
         blocks.append(("figure", f"{FIGURES_DIR}/{path.name}", f"{name}: {analysis['title']}"))
     if name == "E4":
-        blocks.append(_table(_e4_rows(analysis), [("quantity", "quantity"), ("value", "value"), ("note", "note")]))
+        blocks.append(
+            _table(_e4_rows(analysis), [("quantity", "quantity"), ("value", "value"), ("note", "note")])
+        )
     else:
         blocks.append(_table(analysis["rows"], COLUMNS[name]))
     return blocks
@@ -247,36 +393,58 @@ def _curvature_blocks(e2: dict, figures: Path) -> list[Block]:
     fig = Figure(figsize=(7, 4))
     _plot_density(row, fig)
     _save(fig, path)
-    summary = [{"quantity": "lambda_max", "value": fmt(row["lambda_max"])},
-               {"quantity": "top-5 eigenvalues", "value": ", ".join(fmt(v) for v in row["top_eigenvalues"])},
-               {"quantity": "tr H", "value": f"{fmt(row['trace'])} +- {fmt(row['trace_stderr'])}"},
-               {"quantity": "||H||_F", "value": f"{fmt(row['frobenius'])} +- {fmt(row['frobenius_stderr'])}"},
-               {"quantity": "mu (mu_min)", "value": f"{fmt(row['mu'])} ({fmt(row['mu_min'])})"},
-               {"quantity": "loss", "value": fmt(row["loss"])}]
-    return [("heading", 2, "Curvature summary of one trained model"),
-            ("text", f"`curvature_summary` at the E2 minimum with the largest ||H||_F (run {row['run_id']}, "
-                     f"eta={row['lr']:g}, B={row['batch_size']}): Lanczos top eigenvalues, Hutchinson trace and "
-                     "Frobenius norm with their standard errors, and the spectral density by stochastic Lanczos quadrature."),
-            _table(summary, [("quantity", "quantity"), ("value", "value")]),
-            ("figure", f"{FIGURES_DIR}/{path.name}", "Hessian spectral density")]
+    summary = [
+        {"quantity": "lambda_max", "value": fmt(row["lambda_max"])},
+        {"quantity": "top-5 eigenvalues", "value": ", ".join(fmt(v) for v in row["top_eigenvalues"])},
+        {"quantity": "tr H", "value": f"{fmt(row['trace'])} +- {fmt(row['trace_stderr'])}"},
+        {"quantity": "||H||_F", "value": f"{fmt(row['frobenius'])} +- {fmt(row['frobenius_stderr'])}"},
+        {"quantity": "mu (mu_min)", "value": f"{fmt(row['mu'])} ({fmt(row['mu_min'])})"},
+        {"quantity": "loss", "value": fmt(row["loss"])},
+    ]
+    return [
+        ("heading", 2, "Curvature summary of one trained model"),
+        (
+            "text",
+            f"`curvature_summary` at the E2 minimum with the largest ||H||_F (run {row['run_id']}, "
+            f"eta={row['lr']:g}, B={row['batch_size']}): Lanczos top eigenvalues, Hutchinson trace and "
+            "Frobenius norm with their standard errors, and the spectral density by stochastic Lanczos quadrature.",
+        ),
+        _table(summary, [("quantity", "quantity"), ("value", "value")]),
+        ("figure", f"{FIGURES_DIR}/{path.name}", "Hessian spectral density"),
+    ]
 
 
 def build_blocks(root: str | os.PathLike) -> list[Block]:
     """Everything the report says, in order, from the files of a suite folder."""
     root = Path(root)
     suite = read_json(root / "config.json") if (root / "config.json").exists() else {"experiments": {}}
-    analyses = {name: read_json(root / name / "analysis.json") for name in ORDER if (root / name / "analysis.json").exists()}
+    analyses = {
+        name: read_json(root / name / "analysis.json")
+        for name in ORDER
+        if (root / name / "analysis.json").exists()
+    }
     if not analyses:
-        raise FileNotFoundError(f"{root} holds no experiment results (no <experiment>/analysis.json); run `sgdstab reproduce` first")
+        raise FileNotFoundError(
+            f"{root} holds no experiment results (no <experiment>/analysis.json); run `sgdstab reproduce` first"
+        )
     figures = root / FIGURES_DIR
     blocks: list[Block] = [
         ("heading", 1, "sgdstab: reproduction of Wu, Wang & Su (NeurIPS 2022)"),
-        ("text", "Claim under test: a minimum that SGD(eta, B) can stay at has ||H||_F <= sqrt(B/mu)/eta, mu the "
-                 "alignment factor of SGD noise with the curvature (SPEC.md). Each verdict below is computed from the "
-                 f"runs in this folder. Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {root}."),
+        (
+            "text",
+            "Claim under test: a minimum that SGD(eta, B) can stay at has ||H||_F <= sqrt(B/mu)/eta, mu the "
+            "alignment factor of SGD noise with the curvature (SPEC.md). Each verdict below is computed from the "
+            f"runs in this folder. Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {root}.",
+        ),
         ("heading", 2, "Verdicts"),
-        ("table", ["experiment", "claim", "verdict", "evidence"],
-         [[name, a["claim"], VERDICTS[a["holds"]], " | ".join(c["detail"] for c in a["checks"])] for name, a in analyses.items()]),
+        (
+            "table",
+            ["experiment", "claim", "verdict", "evidence"],
+            [
+                [name, a["claim"], VERDICTS[a["holds"]], " | ".join(c["detail"] for c in a["checks"])]
+                for name, a in analyses.items()
+            ],
+        ),
     ]
     for name, analysis in analyses.items():
         blocks += _experiment_blocks(name, analysis, suite["experiments"].get(name, {}).get("scale"), figures)
@@ -310,10 +478,12 @@ def render_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-          "table{border-collapse:collapse;font-size:90%;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-          "th{background:#eee}img{max-width:100%}.holds{color:#060}.does-not-hold{color:#a00}.undecided{color:#a60}"
-          "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}")
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+    "table{border-collapse:collapse;font-size:90%;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+    "th{background:#eee}img{max-width:100%}.holds{color:#060}.does-not-hold{color:#a00}.undecided{color:#a60}"
+    "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}"
+)
 
 
 def _inline(text: str) -> str:
@@ -325,7 +495,9 @@ def _inline(text: str) -> str:
 
 
 def render_html(blocks: list[Block]) -> str:
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sgdstab report</title><style>{_STYLE}</style></head><body>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sgdstab report</title><style>{_STYLE}</style></head><body>"
+    ]
     for block in blocks:
         kind = block[0]
         if kind == "heading":
@@ -333,15 +505,22 @@ def render_html(blocks: list[Block]) -> str:
         elif kind == "text":
             out.append(f"<p>{_inline(block[1])}</p>")
         elif kind == "checks":
-            items = "".join(f"<li><span class='{VERDICTS[c['holds']].replace(' ', '-')}'>[{VERDICTS[c['holds']]}]</span> "
-                            f"{html.escape(c['claim'])}: {html.escape(c['detail'])}</li>" for c in block[1])
+            items = "".join(
+                f"<li><span class='{VERDICTS[c['holds']].replace(' ', '-')}'>[{VERDICTS[c['holds']]}]</span> "
+                f"{html.escape(c['claim'])}: {html.escape(c['detail'])}</li>"
+                for c in block[1]
+            )
             out.append(f"<ul>{items}</ul>")
         elif kind == "figure":
-            out.append(f"<figure><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'>"
-                       f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+            out.append(
+                f"<figure><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'>"
+                f"<figcaption>{html.escape(block[2])}</figcaption></figure>"
+            )
         elif kind == "table":
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2]
+            )
             out.append(f"<table><tr>{head}</tr>{body}</table>")
         elif kind == "code":
             out.append(f"<pre>{html.escape(block[1])}</pre>")

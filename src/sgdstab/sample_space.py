@@ -10,6 +10,7 @@ later panel J_b. When the whole J (nC x p) fits ``max_jacobian_entries`` it is c
 sliced; otherwise each panel is recomputed on every pass over the data, so memory holds two
 panels and K, whatever p.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sgdstab.errors import ResourceLimitError
 from sgdstab.problem import Problem
 
 #: Entries of J held in memory at once (2**27 float32 = 512 MiB).
@@ -56,7 +58,7 @@ def check_gram_fits(problem: Problem, max_gram_entries: int, hint: str) -> None:
     """Refuse, with a message that says what to do instead, when K (nC x nC) exceeds the budget."""
     size = problem.num_samples * problem.num_outputs
     if size * size > max_gram_entries:
-        raise MemoryError(
+        raise ResourceLimitError(
             f"the sample-space NTK K would be {size} x {size} (n={problem.num_samples} samples x "
             f"C={problem.num_outputs} outputs), {size * size:,} entries, more than "
             f"max_gram_entries={max_gram_entries:,}; {hint}"
@@ -72,7 +74,7 @@ def gram_matrix(
 ) -> Tensor:
     """The empirical NTK K = J J^T (nC x nC, sample-major), in the problem's dtype.
 
-    Raises MemoryError (with ``hint`` appended) when K itself does not fit ``max_gram_entries``.
+    Raises ResourceLimitError (with ``hint`` appended) when K itself does not fit ``max_gram_entries``.
     """
     check_gram_fits(problem, max_gram_entries, hint)
     theta = (problem.parameters() if theta is None else theta).detach()

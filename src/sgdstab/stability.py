@@ -19,6 +19,7 @@ where A and D are self-adjoint under the Frobenius inner product and D is PSD
 (tr(S H_i S H_i) = ||H_i^{1/2} S H_i^{1/2}||_F^2): the parameter-space second-moment operator of
 Ma & Ying (2021) and Mulayoff & Michaeli (2023), but r x r instead of p^2 x p^2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -183,15 +184,21 @@ class SecondMomentMap:
         floor keeps them positive when rounding would not, which moves rho by O(eps) only.
         """
         scaled_drift = lr * self._drift
-        return (shift + scaled_drift).clamp(min=torch.finfo(scaled_drift.dtype).eps * scaled_drift.max().item())
+        return (shift + scaled_drift).clamp(
+            min=torch.finfo(scaled_drift.dtype).eps * scaled_drift.max().item()
+        )
 
-    def _balance(self, shift: float, lr: float, start: Tensor, tol: float = _EIGSH_TOL) -> tuple[float, Tensor]:
+    def _balance(
+        self, shift: float, lr: float, start: Tensor, tol: float = _EIGSH_TOL
+    ) -> tuple[float, Tensor]:
         """Top eigenpair (f, Y) of F = lr^2 P^{-1/2} D P^{-1/2} (P: ``_diagonal``).
 
         F is symmetric PSD; f = 1 exactly when T'(X) = (1 + shift) X for X = P^{-1/2} Y.
         """
         scale = self._diagonal(shift, lr).rsqrt()
-        return _top_eigenpair(lambda moment: lr**2 * scale * self.noise(scale * moment), self.rank, start, tol)
+        return _top_eigenpair(
+            lambda moment: lr**2 * scale * self.noise(scale * moment), self.rank, start, tol
+        )
 
     @functools.cached_property
     def _threshold_pair(self) -> tuple[float, Tensor]:
@@ -527,7 +534,9 @@ def simulate_linearized_sgd(
         residuals = init.to(device=gram.device, dtype=torch.float64).expand(num_chains, n * outputs).clone()
     elif init == "gaussian":
         spectrum = gram_spectrum(gram, outputs)
-        draws = torch.randn(num_chains, spectrum.rank, generator=generator, dtype=torch.float64).to(gram.device)
+        draws = torch.randn(num_chains, spectrum.rank, generator=generator, dtype=torch.float64).to(
+            gram.device
+        )
         residuals = (draws * spectrum.values.sqrt()) @ spectrum.vectors.T
     else:
         raise ValueError(f'init must be "gaussian" or a tensor of residuals, got {init!r}')

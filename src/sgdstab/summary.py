@@ -7,6 +7,7 @@ are the quantities in which Wu, Wang & Su (NeurIPS 2022) state their bound
 ||H||_F <= sqrt(B/mu)/eta, beside the 2/lambda_max of gradient descent (Cohen et al., ICLR 2021)
 and the trace of Wu & Su (2023).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -89,12 +90,15 @@ def curvature_summary(
     grid: tuple[float, ...] = ()
     values: tuple[float, ...] = ()
     if density:
-        result = spectral_density(op, num_probes=density_probes, num_steps=density_steps, seed=seed, num_grid=400)
+        result = spectral_density(
+            op, num_probes=density_probes, num_steps=density_steps, seed=seed, num_grid=400
+        )
         grid, values = tuple(result.grid.tolist()), tuple(result.density.tolist())
     aligned = None
     if alignment is not None:
-        aligned = alignment_factor(problem, method=alignment, num_probes=num_probes, seed=seed, hessian=False,
-                                   theta=op.theta)
+        aligned = alignment_factor(
+            problem, method=alignment, num_probes=num_probes, seed=seed, hessian=False, theta=op.theta
+        )
     return CurvatureSummary(
         operator=operator,
         loss=problem.loss(op.theta),

@@ -40,6 +40,7 @@ history, bit for bit, as an uninterrupted run; a finished run returns its result
 training. The row measured at the end of a run is kept apart from the history (``final``), so
 stopping at ``max_steps`` and continuing leaves no extra row in the middle of the history.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,9 @@ METRICS: dict[str, Callable[[Problem], float]] = {
 def register_metric(name: str, metric: Callable[[Problem], float]) -> None:
     """Make ``metric(problem) -> float`` available as ``train(measure=[name])`` (e.g. "lambda_max", "mu")."""
     if name in _RESERVED_KEYS:
-        raise ValueError(f"{name!r} is recorded by the trainer itself; register the metric under another name")
+        raise ValueError(
+            f"{name!r} is recorded by the trainer itself; register the metric under another name"
+        )
     METRICS[name] = metric
 
 
@@ -93,7 +96,9 @@ class BatchSampler:
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
         if not 1 <= batch_size <= num_samples:
-            raise ValueError(f"batch_size must be between 1 and the number of samples {num_samples}, got {batch_size}")
+            raise ValueError(
+                f"batch_size must be between 1 and the number of samples {num_samples}, got {batch_size}"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.sampling = sampling
@@ -119,7 +124,11 @@ class BatchSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "permutation": self._permutation, "position": self._position}
+        return {
+            "generator": self.generator.get_state(),
+            "permutation": self._permutation,
+            "position": self._position,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
@@ -227,13 +236,21 @@ def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list
         elif item in METRICS:
             resolved.append(lambda problem, name=item: {name: METRICS[name](problem)})
         else:
-            raise ValueError(f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict")
+            raise ValueError(
+                f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
+            )
     return resolved
 
 
-def _sgd_step(model: nn.Module, params: list[nn.Parameter], loss: str, batches: Iterable[tuple[Tensor, Tensor]],
-              batch_size: int, lr: float) -> None:
-    """theta <- theta - lr * (1/B) sum_{i in batch} grad l_i, the batch given as chunks."""
+def _sgd_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss: str,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    batch_size: int,
+    lr: float,
+) -> None:
+    """Theta <- theta - lr * (1/B) sum_{i in batch} grad l_i, the batch given as chunks."""
     grads: list[Tensor] | None = None
     for x, y in batches:
         chunk = torch.autograd.grad(per_sample_loss(loss, model(x), y).sum(), params)
@@ -304,7 +321,9 @@ def train(
     if loss_goal is not None and not loss_goal >= 0:
         raise ValueError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
     if not divergence_factor > 1:
-        raise ValueError(f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}")
+        raise ValueError(
+            f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
+        )
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
@@ -312,18 +331,31 @@ def train(
     if batch_size is not None:
         _check_positive_int("batch_size", batch_size)
         if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} samples; use batch_size=None for full-batch GD")
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {n} samples; use batch_size=None for full-batch GD"
+            )
     full_batch = batch_size is None or (batch_size == n and sampling == "without_replacement")
     batch_size = n if batch_size is None else batch_size
     sampler = None if full_batch else BatchSampler(n, batch_size, sampling, seed)
-    eval_every = _check_positive_int("eval_every", eval_every if eval_every is not None else max(1, n // batch_size))
-    measure_every = _check_positive_int("measure_every", measure_every if measure_every is not None else eval_every)
+    eval_every = _check_positive_int(
+        "eval_every", eval_every if eval_every is not None else max(1, n // batch_size)
+    )
+    measure_every = _check_positive_int(
+        "measure_every", measure_every if measure_every is not None else eval_every
+    )
     checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
     measures = _resolve_measures(measure)
     params = [p for p in model.parameters() if p.requires_grad]
     accuracy_kind = _accuracy_kind(problem)
-    identity = {"lr": float(lr), "batch_size": batch_size, "sampling": FULL_BATCH if full_batch else sampling,
-                "seed": seed, "loss": loss, "num_samples": n, "num_params": problem.num_params}
+    identity = {
+        "lr": float(lr),
+        "batch_size": batch_size,
+        "sampling": FULL_BATCH if full_batch else sampling,
+        "seed": seed,
+        "loss": loss,
+        "num_samples": n,
+        "num_params": problem.num_params,
+    }
 
     def judge(loss_value: float, reference: float) -> str | None:
         if not math.isfinite(loss_value) or loss_value > divergence_factor * reference:
@@ -343,24 +375,34 @@ def train(
                 values = m(problem)
                 clash = set(values) & set(_RESERVED_KEYS)
                 if clash:
-                    raise ValueError(f"a measure returned {sorted(clash)}, which the trainer records itself; rename them")
+                    raise ValueError(
+                        f"a measure returned {sorted(clash)}, which the trainer records itself; rename them"
+                    )
                 row.update({k: float(v) for k, v in values.items()})
         return row, status
 
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     metrics_path = Path(checkpoint_dir) / METRICS_FILE if checkpoint_dir is not None else None
-    state = _load_checkpoint(checkpoint, identity, model, sampler) if checkpoint is not None and resume else None
+    state = (
+        _load_checkpoint(checkpoint, identity, model, sampler) if checkpoint is not None and resume else None
+    )
     started = time.perf_counter()
     if state is None:
         step, history, final, previous_time = 0, [], None, 0.0
         # The reference includes the initial loss itself, so at step 0 only a non-finite loss diverges.
         row, status = record(0, True, reference=math.inf)
         initial_loss = row["loss"]
-        reference = max(initial_loss, _zero_predictor_loss(problem)) if math.isfinite(initial_loss) else math.inf
+        reference = (
+            max(initial_loss, _zero_predictor_loss(problem)) if math.isfinite(initial_loss) else math.inf
+        )
         history.append(row)
     else:
         step, history, final, status = state["step"], state["history"], state["final"], state["status"]
-        initial_loss, reference, previous_time = state["initial_loss"], state["reference"], state["wall_time_s"]
+        initial_loss, reference, previous_time = (
+            state["initial_loss"],
+            state["reference"],
+            state["wall_time_s"],
+        )
         if step > max_steps:
             raise ValueError(
                 f"the checkpoint in {checkpoint_dir} is at step {step}, past max_steps={max_steps}; "
@@ -377,10 +419,18 @@ def train(
     def save(run_status: str | None) -> None:
         if checkpoint is None:
             return
-        payload = {"identity": identity, "step": step, "status": run_status, "model": model.state_dict(),
-                   "sampler": None if sampler is None else sampler.state_dict(), "history": history, "final": final,
-                   "initial_loss": initial_loss, "reference": reference,
-                   "wall_time_s": previous_time + time.perf_counter() - started}
+        payload = {
+            "identity": identity,
+            "step": step,
+            "status": run_status,
+            "model": model.state_dict(),
+            "sampler": None if sampler is None else sampler.state_dict(),
+            "history": history,
+            "final": final,
+            "initial_loss": initial_loss,
+            "reference": reference,
+            "wall_time_s": previous_time + time.perf_counter() - started,
+        }
         with atomic_write(checkpoint, "wb") as f:
             torch.save(payload, f)
 
@@ -409,7 +459,9 @@ def train(
 
     if final is None:
         last = history[-1]
-        reusable = last["step"] == step and (step % measure_every == 0 or not measures or status == "diverged")
+        reusable = last["step"] == step and (
+            step % measure_every == 0 or not measures or status == "diverged"
+        )
         if reusable:
             final = last
         else:
@@ -420,19 +472,33 @@ def train(
     if state is None or step > resumed_from or status != state["status"]:
         save(status)
     return TrainResult(
-        status=status, steps=step, final_loss=final["loss"], final_accuracy=final.get("accuracy"),
-        initial_loss=initial_loss, history=tuple(history), final=final, lr=float(lr), batch_size=batch_size,
-        sampling=identity["sampling"], seed=seed, num_samples=n,
-        wall_time_s=previous_time + time.perf_counter() - started, resumed_from=resumed_from,
+        status=status,
+        steps=step,
+        final_loss=final["loss"],
+        final_accuracy=final.get("accuracy"),
+        initial_loss=initial_loss,
+        history=tuple(history),
+        final=final,
+        lr=float(lr),
+        batch_size=batch_size,
+        sampling=identity["sampling"],
+        seed=seed,
+        num_samples=n,
+        wall_time_s=previous_time + time.perf_counter() - started,
+        resumed_from=resumed_from,
     )
 
 
-def _load_checkpoint(path: Path, identity: dict[str, Any], model: nn.Module, sampler: BatchSampler | None) -> dict | None:
+def _load_checkpoint(
+    path: Path, identity: dict[str, Any], model: nn.Module, sampler: BatchSampler | None
+) -> dict | None:
     """Restore model and sampler from ``path`` and return the run's state; None when there is no checkpoint."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    differing = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+    differing = {
+        k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v
+    }
     if differing:
         described = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differing.items())
         raise ValueError(

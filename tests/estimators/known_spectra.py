@@ -2,6 +2,7 @@
 
 Imported by the estimator tests as their ground truth; the truth is the eigenvalue list itself.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,9 @@ def with_spectrum(eigenvalues, seed: int = 0) -> DenseOperator:
     return DenseOperator((matrix + matrix.T) / 2)
 
 
-def hessian_like_spectrum(d: int, outliers=(40.0, 36.0, 30.0, 22.0, 15.0, 11.0, 8.0, 6.0, 4.0), seed: int = 0) -> Tensor:
+def hessian_like_spectrum(
+    d: int, outliers=(40.0, 36.0, 30.0, 22.0, 15.0, 11.0, 8.0, 6.0, 4.0), seed: int = 0
+) -> Tensor:
     """A few large outliers over a bulk piled up near zero with a small negative tail, the shape
     reported for neural-network Hessians (Sagun et al. 2017; Ghorbani et al. 2019)."""
     generator = torch.Generator().manual_seed(seed)

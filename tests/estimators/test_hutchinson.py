@@ -63,7 +63,9 @@ def test_single_probe_has_unknown_stderr():
 
 def test_same_seed_same_estimate():
     assert trace(OP, num_probes=10, seed=5) == trace(OP, num_probes=10, seed=5)
-    assert trace(OP, num_probes=10, seed=5) == trace(OP, num_probes=10, generator=torch.Generator().manual_seed(5))
+    assert trace(OP, num_probes=10, seed=5) == trace(
+        OP, num_probes=10, generator=torch.Generator().manual_seed(5)
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -46,7 +46,9 @@ def test_same_seed_same_result():
     assert torch.equal(first.values, second.values) and torch.equal(first.vectors, second.vectors)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"tol": -1.0}, "tol must be"), ({"max_iter": 0}, "max_iter must be")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"tol": -1.0}, "tol must be"), ({"max_iter": 0}, "max_iter must be")]
+)
 def test_bad_input_raises_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         power_iteration(with_spectrum(SEPARATED), **kwargs)

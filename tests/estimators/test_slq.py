@@ -79,7 +79,9 @@ def test_grid_sigma_and_batching_are_honoured():
 
 
 def test_same_seed_same_density_and_float32_kept():
-    assert torch.equal(spectral_density(OP, 2, 10, seed=3).density, spectral_density(OP, 2, 10, seed=3).density)
+    assert torch.equal(
+        spectral_density(OP, 2, 10, seed=3).density, spectral_density(OP, 2, 10, seed=3).density
+    )
     single = spectral_density(DenseOperator(OP.matrix.float()), num_probes=2, num_steps=10)
     assert single.density.dtype == single.nodes.dtype == torch.float32
 

@@ -1,4 +1,5 @@
 """Every recipe at the smoke scale: its files, its numbers, and verdicts that follow the data."""
+
 import copy
 import json
 import math
@@ -6,8 +7,17 @@ import shutil
 
 import pytest
 
-from sgdstab.experiments import EXPERIMENTS, configure, runs, smoke_configs
-from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
+from sgdstab.experiments import (
+    EXPERIMENTS,
+    configure,
+    e1_alignment,
+    e2_frobenius_bound,
+    e3_size,
+    e4_escape,
+    e5_criteria,
+    runs,
+    smoke_configs,
+)
 from sgdstab.experiments.config import override
 from sgdstab.io import read_json, read_jsonl
 from sgdstab.stability import CRITERIA
@@ -63,8 +73,11 @@ def test_e3_runs_both_sweeps_for_sgd_and_gd(smoke_suite):
     _, analyses = smoke_suite
     rows = analyses["E3"]["rows"]
     points = {(r["sweep"], r["optimizer"], r["width"], r["n"]) for r in rows}
-    assert points == {(s, o, w, n) for o in ("SGD", "GD") for s, w, n in
-                      (("width", 4, 40), ("width", 8, 40), ("n", 8, 20), ("n", 8, 40))}
+    assert points == {
+        (s, o, w, n)
+        for o in ("SGD", "GD")
+        for s, w, n in (("width", 4, 40), ("width", 8, 40), ("n", 8, 20), ("n", 8, 40))
+    }
     # The base point is one run shared by both sweeps.
     assert len({r["run_id"] for r in rows}) == 6
     assert analyses["E3"]["gd_limit"] == pytest.approx(2 / 0.05)
@@ -87,7 +100,10 @@ def test_e5_has_every_criterion_and_the_empirical_threshold(smoke_suite):
     _, analyses = smoke_suite
     (row,) = analyses["E5"]["rows"]
     assert set(CRITERIA) <= set(row) and row["empirical"] > 0
-    ordered = all(row["exact"] <= row[c] * (1 + 1e-6) for c in ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius"))
+    ordered = all(
+        row["exact"] <= row[c] * (1 + 1e-6)
+        for c in ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius")
+    )
     assert analyses["E5"]["checks"][0]["holds"] == ordered
 
 
@@ -107,8 +123,13 @@ def test_verdicts_turn_when_the_data_contradicts_the_claim(smoke_suite):
     e2[0]["curvature"]["frobenius"] *= 100
     assert e2_frobenius_bound.analyse(e2, configs["E2"])["checks"][0]["holds"] is False
 
-    e3 = [{**read_json(root / "E3" / row["run_id"] / "final.json"), **{k: row[k] for k in ("sweep", "optimizer", "width", "n")}}
-          for row in analyses["E3"]["rows"]]
+    e3 = [
+        {
+            **read_json(root / "E3" / row["run_id"] / "final.json"),
+            **{k: row[k] for k in ("sweep", "optimizer", "width", "n")},
+        }
+        for row in analyses["E3"]["rows"]
+    ]
     for record in e3:
         if record["optimizer"] == "GD" and "curvature" in record:
             record["curvature"]["lambda_max"] = 1e6
@@ -134,7 +155,9 @@ def test_a_killed_suite_resumes_without_redoing_finished_runs(smoke_suite, tmp_p
     stamps = {path: path.stat().st_mtime_ns for path in finals[1:]}
     trained = []
     real_train = runs.train
-    monkeypatch.setattr(runs, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k))
+    monkeypatch.setattr(
+        runs, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
+    )
 
     e2_frobenius_bound.run(smoke_configs()["E2"], tmp_path)
 
@@ -163,7 +186,9 @@ def test_e4_killed_while_settling_resumes_both_phases(smoke_suite, tmp_path):
 
 # ------------------------------------------------------------------------------------- configs
 def test_overrides_parse_json_and_refuse_unknown_fields():
-    configs = configure("quick", only=["E2", "E3"], overrides=["E2.lrs=[0.1, 0.2]", "data.n=300", "E3.model.kwargs.width=32"])
+    configs = configure(
+        "quick", only=["E2", "E3"], overrides=["E2.lrs=[0.1, 0.2]", "data.n=300", "E3.model.kwargs.width=32"]
+    )
     assert configs["E2"].lrs == (0.1, 0.2)
     assert configs["E2"].data.n == configs["E3"].data.n == 300
     assert configs["E3"].model.kwargs["width"] == 32

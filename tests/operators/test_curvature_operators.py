@@ -1,11 +1,11 @@
 """Every operator against a dense float64 matrix built with torch.func (hessian, jacrev)."""
+
 import pytest
 import torch
 from tiny_problems import all_inputs_targets, dense_loss, make_problem
 from torch import nn
 
 import sgdstab
-
 from sgdstab.operators import HESSIAN_BACKENDS, gauss_newton, hessian, noise_covariance, ntk
 from sgdstab.problem import output_hessian
 
@@ -39,10 +39,12 @@ def test_gauss_newton_matches_jacobian_formula(architecture, loss_name):
 def test_cross_entropy_output_hessian_is_second_derivative_of_the_loss():
     logits = torch.randn(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 2, 1, 1])
-    truth = torch.stack([
-        torch.func.hessian(lambda f: nn.functional.cross_entropy(f[None], labels[i : i + 1]))(logits[i])
-        for i in range(4)
-    ])
+    truth = torch.stack(
+        [
+            torch.func.hessian(lambda f: nn.functional.cross_entropy(f[None], labels[i : i + 1]))(logits[i])
+            for i in range(4)
+        ]
+    )
     assert torch.allclose(output_hessian("cross_entropy", logits), truth, atol=1e-12)
 
 
@@ -56,7 +58,9 @@ def test_gauss_newton_equals_hessian_at_interpolation():
 def test_noise_covariance_matches_per_sample_gradients(architecture, loss_name):
     problem = make_problem(architecture, loss_name)
     inputs, targets = all_inputs_targets(problem)
-    per_sample = torch.func.jacrev(lambda t: problem.per_sample_losses(t, inputs, targets))(problem.parameters())
+    per_sample = torch.func.jacrev(lambda t: problem.per_sample_losses(t, inputs, targets))(
+        problem.parameters()
+    )
     mean = per_sample.mean(0)
     truth = per_sample.T @ per_sample / problem.num_samples - torch.outer(mean, mean)
     assert torch.allclose(noise_covariance(problem).to_dense(), truth, atol=1e-12)

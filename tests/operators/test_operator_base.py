@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
+from tiny_problems import make_problem
 
 from sgdstab.operators import DenseOperator, hessian
-from tiny_problems import make_problem
 
 
 def symmetric_matrix(size: int) -> torch.Tensor:
@@ -28,7 +28,9 @@ def test_generic_to_dense_builds_the_matrix_from_products():
 
 def test_to_scipy_eigsh_finds_the_top_eigenvalue():
     matrix = symmetric_matrix(30)
-    top = scipy.sparse.linalg.eigsh(DenseOperator(matrix).to_scipy(), k=1, which="LA", return_eigenvectors=False)
+    top = scipy.sparse.linalg.eigsh(
+        DenseOperator(matrix).to_scipy(), k=1, which="LA", return_eigenvectors=False
+    )
     assert np.isclose(top[0], torch.linalg.eigvalsh(matrix)[-1].item())
 
 

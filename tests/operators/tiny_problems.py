@@ -1,4 +1,5 @@
 """Tiny float64 problems whose dense curvature matrices torch.func can build exactly."""
+
 import torch
 from torch import nn
 
@@ -23,9 +24,15 @@ def make_problem(architecture: str, loss: str, chunk_size: int = 3) -> sgdstab.P
     generator = torch.Generator().manual_seed(1)
     num_outputs = 3
     if architecture == "mlp":
-        model, inputs = tiny_mlp(num_outputs), torch.randn(NUM_SAMPLES, 3, generator=generator, dtype=torch.float64)
+        model, inputs = (
+            tiny_mlp(num_outputs),
+            torch.randn(NUM_SAMPLES, 3, generator=generator, dtype=torch.float64),
+        )
     else:
-        model, inputs = tiny_cnn(num_outputs), torch.randn(NUM_SAMPLES, 1, 5, 5, generator=generator, dtype=torch.float64)
+        model, inputs = (
+            tiny_cnn(num_outputs),
+            torch.randn(NUM_SAMPLES, 1, 5, 5, generator=generator, dtype=torch.float64),
+        )
     if loss == "mse":
         targets = torch.randn(NUM_SAMPLES, num_outputs, generator=generator, dtype=torch.float64)
     else:

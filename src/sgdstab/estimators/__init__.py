@@ -5,6 +5,7 @@ iteration), trace (Hutchinson, Hutch++), Frobenius norm (Hutchinson), spectral d
 Each returns a frozen result carrying its error estimate and ``num_matvecs``, the number of
 operator applications it cost.
 """
+
 from sgdstab.estimators.dense import (
     exact_eigenvalues,
     exact_frobenius_norm,

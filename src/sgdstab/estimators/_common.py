@@ -1,4 +1,5 @@
 """Argument checks and random probes shared by the estimators."""
+
 from __future__ import annotations
 
 import math
@@ -71,9 +72,7 @@ def rademacher(op: LinearOperator, num_columns: int, generator: torch.Generator)
 
 def gaussian(op: LinearOperator, num_columns: int, generator: torch.Generator) -> Tensor:
     """A ``(d, num_columns)`` block of independent standard normals in the operator's dtype."""
-    draws = torch.randn(
-        op.size, num_columns, generator=generator, device=generator.device, dtype=op.dtype
-    )
+    draws = torch.randn(op.size, num_columns, generator=generator, device=generator.device, dtype=op.dtype)
     return draws.to(op.device)
 
 

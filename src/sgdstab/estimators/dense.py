@@ -5,6 +5,7 @@ operator, which is the ``num_matvecs`` reported) and reads the answer off its fu
 eigendecomposition (``torch.linalg.eigh``). Results have the estimators' types with zero error, so
 they serve as ground truth in tests and as the fast path for small p.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,8 @@ def _symmetric_dense(op: LinearOperator) -> Tensor:
 
 def exact_eigenvalues(op: LinearOperator, k: int = 1, which: str = "largest") -> EigenResult:
     """The ``k`` extreme eigenpairs, ordered as ``top_eigenvalues`` orders them; residual norms
-    are the actual ``||A v - lambda v||`` (rounding level)."""
+    are the actual ``||A v - lambda v||`` (rounding level).
+    """
     check_num_eigenvalues(op, k, which)
     matrix = _symmetric_dense(op)
     values, vectors = torch.linalg.eigh(matrix)
@@ -42,7 +44,7 @@ def exact_eigenvalues(op: LinearOperator, k: int = 1, which: str = "largest") ->
 
 
 def exact_trace(op: LinearOperator) -> TraceResult:
-    """tr A from the diagonal of the dense matrix."""
+    """Tr A from the diagonal of the dense matrix."""
     return TraceResult(value=float(op.to_dense().trace()), stderr=0.0, num_matvecs=op.size)
 
 
@@ -62,7 +64,8 @@ def exact_spectral_density(
     op: LinearOperator, sigma: float | None = None, grid: Tensor | None = None, num_grid: int = 1000
 ) -> DensityResult:
     """The spectral density (1/d) sum_j delta(t - lambda_j), smoothed as ``spectral_density``
-    smooths it (same ``sigma`` and ``grid`` defaults)."""
+    smooths it (same ``sigma`` and ``grid`` defaults).
+    """
     values = torch.linalg.eigvalsh(_symmetric_dense(op))
     weights = torch.full_like(values, 1.0 / op.size)
     return smoothed_density(op, values, weights, sigma, grid, num_grid, num_matvecs=op.size)

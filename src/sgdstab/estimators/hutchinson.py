@@ -5,10 +5,11 @@ For z with independent +-1 entries, E[z^T A z] = tr A (Hutchinson, Commun. Stat.
 E[||A z||^2] = tr(A^T A) = ||A||_F^2 by the same argument. Each estimate is a mean of i.i.d.
 per-probe values, so its standard error is the sample standard deviation over sqrt(#probes).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -93,8 +94,14 @@ def trace(
     variance) for diagonal A.
     """
     samples, num_matvecs = _sample_probes(
-        op, lambda probes, images: (probes * images).sum(dim=0),
-        num_probes, seed, target_rel_stderr, batch_size, max_probes, generator,
+        op,
+        lambda probes, images: (probes * images).sum(dim=0),
+        num_probes,
+        seed,
+        target_rel_stderr,
+        batch_size,
+        max_probes,
+        generator,
     )
     value, stderr = mean_and_stderr(samples)
     return TraceResult(value=value, stderr=stderr, num_matvecs=num_matvecs)
@@ -116,8 +123,14 @@ def frobenius_norm(
     the squared norm as in ``trace``.
     """
     samples, num_matvecs = _sample_probes(
-        op, lambda probes, images: images.pow(2).sum(dim=0),
-        num_probes, seed, target_rel_stderr, batch_size, max_probes, generator,
+        op,
+        lambda probes, images: images.pow(2).sum(dim=0),
+        num_probes,
+        seed,
+        target_rel_stderr,
+        batch_size,
+        max_probes,
+        generator,
     )
     squared, squared_stderr = mean_and_stderr(samples)
     value = math.sqrt(squared)

@@ -10,6 +10,7 @@ copies of them; reorthogonalising every new vector against the whole basis, twic
 enough": Giraud, Langou and Rozloznik, Comput. Math. Appl. 2005), keeps it orthonormal to working
 precision for O(m d) flops per step, cheap next to one Hessian-vector product.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,8 @@ _INITIAL_CAPACITY = 16
 def _project_out(basis: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     """Remove from each run's vector (row of ``vectors``, (b, d)) its part in that run's basis
     (``basis``, (b, m, d)) by classical Gram-Schmidt applied twice; returns the rest and the
-    (b, m) coefficients removed."""
+    (b, m) coefficients removed.
+    """
     removed = vectors.new_zeros(basis.shape[:2])
     for _ in range(2):
         coefficients = torch.bmm(basis, vectors.unsqueeze(2)).squeeze(2)
@@ -93,7 +95,8 @@ class LanczosProcess:
 
     def ritz(self, run: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Eigen-decomposition of run ``run``'s ``T_m`` in float64: Ritz values (ascending),
-        their eigenvectors as columns of an (m, m) matrix, and the last ``beta_m``."""
+        their eigenvectors as columns of an (m, m) matrix, and the last ``beta_m``.
+        """
         alphas = torch.stack(self._alphas)[:, run]
         betas = torch.stack(self._betas)[:, run]
         values, vectors = eigh_tridiagonal(alphas.numpy(), betas[:-1].numpy())

@@ -7,6 +7,7 @@ only has to cover the deflated rest ``(I - QQ^T) A (I - QQ^T)``, whose Frobenius
 variance) is much smaller when the spectrum decays, as a Hessian's does. The relative error then
 falls like 1/m in the number of products m instead of Hutchinson's 1/sqrt(m).
 """
+
 from __future__ import annotations
 
 import torch

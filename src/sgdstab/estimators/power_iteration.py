@@ -1,4 +1,5 @@
 """Power iteration: the dominant eigenpair, kept as the baseline Lanczos is measured against."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 ``num_matvecs`` counts operator applications (columns of ``op @ V``), the unit in which curvature
 estimators are compared, since one application of a Hessian costs a few gradients.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ E[z^T f(A) z] = tr f(A) and ||z||^2 = d for Rademacher z (Ubaru, Chen and Saad, 
 Anal. Appl. 2017). Each point mass is then smoothed into a Gaussian of width sigma, as done for
 neural-network Hessians by Ghorbani, Krishnan and Xiao (ICML 2019).
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,8 @@ def smoothed_density(
     num_matvecs: int,
 ) -> DensityResult:
     """Place a Gaussian of width ``sigma`` and mass ``weights[i]`` at each of ``nodes``; the
-    result is in ``op``'s dtype and device."""
+    result is in ``op``'s dtype and device.
+    """
     _check_smoothing(sigma, num_grid)
     nodes, weights = nodes.to("cpu", torch.float64), weights.to("cpu", torch.float64)
     low, high = float(nodes.min()), float(nodes.max())

@@ -8,6 +8,7 @@ verdict to ``root/<NAME>/analysis.json``. ``reproduce`` runs a suite and writes 
 A third scale, "smoke", shrinks the quick configs to seconds (a few dozen MNIST samples, nets
 of a few units): it checks an installation and is what the tests run. Its verdicts mean little.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,19 @@ from sgdstab.experiments.runs import Progress, no_progress
 from sgdstab.io import read_json, write_json_atomic
 from sgdstab.report import write_report
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria)}
+EXPERIMENTS: dict[str, ModuleType] = {
+    m.NAME: m for m in (e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria)
+}
 SUITE_CONFIG = "config.json"
 
 
-def configure(scale: str = "quick", only: Sequence[str] | None = None, data_dir: str | None = None,
-              device: str | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def configure(
+    scale: str = "quick",
+    only: Sequence[str] | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    overrides: Iterable[str] = (),
+) -> dict[str, Any]:
     """The configs of the chosen experiments at ``scale``, with suite-wide and per-field changes.
 
     ``overrides``: "E2.lrs=[0.02,0.05]" or "E1.data.n=300" (value parsed as JSON), or without the
@@ -47,7 +55,9 @@ def configure(scale: str = "quick", only: Sequence[str] | None = None, data_dir:
         configs = {name: EXPERIMENTS[name].default_config(scale) for name in names}
     for name, config in configs.items():
         if data_dir is not None:
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=str(data_dir)))
+            config = dataclasses.replace(
+                config, data=dataclasses.replace(config.data, data_dir=str(data_dir))
+            )
         if device is not None:
             config = dataclasses.replace(config, device=device)
         configs[name] = config
@@ -77,19 +87,64 @@ def smoke_configs() -> dict[str, Any]:
     measure = MeasureConfig(num_probes=8, density=True, density_probes=1, density_steps=8)
     return {
         "E1": dataclasses.replace(
-            quick["E1"], data=data, max_steps=40, measure_every=20,
-            families=(ModelConfig("linear", label="linear"), ModelConfig("vgg", {"depth": [1], "width": 2}, label="CNN")),
-            lrs=(0.002, 0.01)),
-        "E2": dataclasses.replace(quick["E2"], data=data, model=mlp, lrs=(0.05, 0.1, 50.0), batch_sizes=(4,),
-                                  max_steps=600, loss_goal=1e-2, measure=measure),
-        "E3": dataclasses.replace(quick["E3"], data=data, model=mlp, widths=(4, 8), ns=(20, 40), lr=0.05,
-                                  batch_size=4, max_steps=600, gd_max_steps=600, loss_goal=1e-2, measure=measure),
-        "E4": dataclasses.replace(quick["E4"], data=data, model=mlp, gd_lr=0.05, gd_loss_goal=1e-3, escape_steps=8,
-                                  repeats=3, linearized_chains=20, bootstrap=20, settle_steps=600,
-                                  settle_loss_goal=1e-2, measure=measure),
-        "E5": dataclasses.replace(quick["E5"], data=quick_data(n=30), model=mlp, minima=(Minimum("GD", 0.05),),
-                                  batch_sizes=(2,), loss_goal=1e-3, simulation_steps=20, simulation_chains=20,
-                                  bisection_steps=2),
+            quick["E1"],
+            data=data,
+            max_steps=40,
+            measure_every=20,
+            families=(
+                ModelConfig("linear", label="linear"),
+                ModelConfig("vgg", {"depth": [1], "width": 2}, label="CNN"),
+            ),
+            lrs=(0.002, 0.01),
+        ),
+        "E2": dataclasses.replace(
+            quick["E2"],
+            data=data,
+            model=mlp,
+            lrs=(0.05, 0.1, 50.0),
+            batch_sizes=(4,),
+            max_steps=600,
+            loss_goal=1e-2,
+            measure=measure,
+        ),
+        "E3": dataclasses.replace(
+            quick["E3"],
+            data=data,
+            model=mlp,
+            widths=(4, 8),
+            ns=(20, 40),
+            lr=0.05,
+            batch_size=4,
+            max_steps=600,
+            gd_max_steps=600,
+            loss_goal=1e-2,
+            measure=measure,
+        ),
+        "E4": dataclasses.replace(
+            quick["E4"],
+            data=data,
+            model=mlp,
+            gd_lr=0.05,
+            gd_loss_goal=1e-3,
+            escape_steps=8,
+            repeats=3,
+            linearized_chains=20,
+            bootstrap=20,
+            settle_steps=600,
+            settle_loss_goal=1e-2,
+            measure=measure,
+        ),
+        "E5": dataclasses.replace(
+            quick["E5"],
+            data=quick_data(n=30),
+            model=mlp,
+            minima=(Minimum("GD", 0.05),),
+            batch_sizes=(2,),
+            loss_goal=1e-3,
+            simulation_steps=20,
+            simulation_chains=20,
+            bisection_steps=2,
+        ),
     }
 
 
@@ -97,12 +152,22 @@ def _has_field(config: Any, key: str) -> bool:
     head, _, rest = key.partition(".")
     if head not in {f.name for f in dataclasses.fields(config)}:
         return False
-    return not rest or not dataclasses.is_dataclass(getattr(config, head)) or _has_field(getattr(config, head), rest)
+    return (
+        not rest
+        or not dataclasses.is_dataclass(getattr(config, head))
+        or _has_field(getattr(config, head), rest)
+    )
 
 
-def reproduce(out: str | os.PathLike, scale: str = "quick", only: Sequence[str] | None = None,
-              data_dir: str | None = None, device: str | None = None, overrides: Iterable[str] = (),
-              progress: Progress = no_progress) -> dict[str, dict]:
+def reproduce(
+    out: str | os.PathLike,
+    scale: str = "quick",
+    only: Sequence[str] | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    overrides: Iterable[str] = (),
+    progress: Progress = no_progress,
+) -> dict[str, dict]:
     """Run the chosen experiments into ``out`` (resuming finished runs) and write the report there.
 
     ``out/config.json`` keeps every experiment's scale and config (merged with earlier calls
@@ -112,7 +177,9 @@ def reproduce(out: str | os.PathLike, scale: str = "quick", only: Sequence[str] 
     out = Path(out)
     suite_path = out / SUITE_CONFIG
     suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
-    suite["experiments"].update({name: {"scale": scale, "config": to_dict(config)} for name, config in configs.items()})
+    suite["experiments"].update(
+        {name: {"scale": scale, "config": to_dict(config)} for name, config in configs.items()}
+    )
     write_json_atomic(suite_path, suite)
     analyses = {name: EXPERIMENTS[name].run(config, out, progress) for name, config in configs.items()}
     write_report(out)

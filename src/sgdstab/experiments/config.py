@@ -10,6 +10,7 @@ small fully connected and convolutional nets); "full" is CIFAR-10 with VGG/ResNe
 GPU. The paper's own hyperparameters are not known (SPEC.md section 4): the presets are choices,
 recorded in every run's config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,15 @@ class DataConfig:
     seed: int = 0
 
     def load(self, device: str = "cpu", dtype: str = "float32") -> DataSet:
-        data = load_dataset(self.name, n=self.n, classes=self.classes, targets=self.targets,
-                            data_dir=self.data_dir, seed=self.seed, dtype=DTYPES[dtype])
+        data = load_dataset(
+            self.name,
+            n=self.n,
+            classes=self.classes,
+            targets=self.targets,
+            data_dir=self.data_dir,
+            seed=self.seed,
+            dtype=DTYPES[dtype],
+        )
         return dataclasses.replace(data, inputs=data.inputs.to(device), targets=data.targets.to(device))
 
 
@@ -53,8 +61,9 @@ class ModelConfig:
     label: str = ""
 
     def build(self, data: DataSet, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> nn.Module:
-        model = build_model(self.name, input_shape=data.input_shape, num_outputs=data.num_outputs, seed=seed,
-                            **self.kwargs)
+        model = build_model(
+            self.name, input_shape=data.input_shape, num_outputs=data.num_outputs, seed=seed, **self.kwargs
+        )
         return model.to(device=device, dtype=DTYPES[dtype])
 
     @property
@@ -122,7 +131,9 @@ def override(config: Any, key: str, value: str) -> Any:
             raise ValueError(f"{type(config).__name__}.{head} is not a group of settings: drop '.{rest}'")
         return dataclasses.replace(config, **{head: override(current, rest, value)})
     if dataclasses.is_dataclass(current):
-        raise ValueError(f"{type(config).__name__}.{head} is a group of settings: set one of its fields, e.g. {head}.<field>")
+        raise ValueError(
+            f"{type(config).__name__}.{head} is a group of settings: set one of its fields, e.g. {head}.<field>"
+        )
     parsed = _parse(value)
     return dataclasses.replace(config, **{head: _like(current, parsed, key)})
 

@@ -5,6 +5,7 @@ the trainer's ``measure`` hook while SGD trains each family (linear, random feat
 connected, CNN) with square loss. The claim: mu stays of order 1, bounded away from 0, along the
 whole of training, for every family. "Bounded away from 0" is tested as min mu >= ``mu_floor``.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,15 @@ from dataclasses import dataclass
 from sgdstab.alignment import alignment
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
-    Progress, TrainSpec, check, execute, no_progress, overall, run_training, save_analysis, spec_config,
+    Progress,
+    TrainSpec,
+    check,
+    execute,
+    no_progress,
+    overall,
+    run_training,
+    save_analysis,
+    spec_config,
 )
 from sgdstab.problem import Problem
 
@@ -62,32 +71,53 @@ def default_config(scale: str) -> Config:
             ModelConfig("resnet", {"depth": 20, "width": 16}, label="ResNet-20"),
         ),
         lrs=(0.001, 0.002, 0.01, 0.02, 0.02),
-        batch_size=64, max_steps=20_000, measure_every=1000, alignment="stochastic", device="cuda",
+        batch_size=64,
+        max_steps=20_000,
+        measure_every=1000,
+        alignment="stochastic",
+        device="cuda",
     )
     return preset(scale, quick, full)
 
 
 def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
     if len(config.lrs) != len(config.families):
-        raise ValueError(f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs")
+        raise ValueError(
+            f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs"
+        )
 
     def measure(problem: Problem) -> dict[str, float]:
-        result = alignment(problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False)
+        result = alignment(
+            problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
+        )
         return {"mu": result.mu, "mu_stderr": result.stderr}
 
     records = []
     for index, (family, lr) in enumerate(zip(config.families, config.lrs)):
         progress(f"{NAME} {family.title}", index, len(config.families))
-        spec = TrainSpec(data=config.data, model=family, lr=lr, batch_size=config.batch_size, sampling=config.sampling,
-                         max_steps=config.max_steps, loss_goal=config.loss_goal, measure_every=config.measure_every,
-                         seed=config.seed, device=config.device, dtype=config.dtype)
+        spec = TrainSpec(
+            data=config.data,
+            model=family,
+            lr=lr,
+            batch_size=config.batch_size,
+            sampling=config.sampling,
+            max_steps=config.max_steps,
+            loss_goal=config.loss_goal,
+            measure_every=config.measure_every,
+            seed=config.seed,
+            device=config.device,
+            dtype=config.dtype,
+        )
 
         def work(folder, spec=spec):
             _, result = run_training(folder.path, spec, measure=measure)
             rows = [row for row in (*result.history, result.final) if "mu" in row]
             # The final row repeats the last history row when the run stopped on a measurement step.
             unique = list({row["step"]: row for row in rows}.values())
-            return {"train": result.summary(), "mu_curve": [{k: row[k] for k in ("step", "loss", "mu", "mu_stderr")} for row in unique]}
+            return {
+                "train": result.summary(),
+                "mu_curve": [{k: row[k] for k in ("step", "loss", "mu", "mu_stderr")} for row in unique],
+            }
 
         records.append(execute(root, NAME, family.name, spec_config(spec, family_label=family.title), work))
     progress(NAME, len(config.families), len(config.families))
@@ -97,20 +127,47 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
 def analyse(records: list[dict], config: Config) -> dict:
     rows = []
     for record in records:
-        curve = [point for point in record["mu_curve"] if point["mu"] == point["mu"]]  # drop nan (zero residual)
+        curve = [
+            point for point in record["mu_curve"] if point["mu"] == point["mu"]
+        ]  # drop nan (zero residual)
         mus = [point["mu"] for point in curve]
-        rows.append({"family": record["config"]["family_label"], "model": record["config"]["train"]["model"]["name"],
-                     "lr": record["config"]["train"]["lr"], "status": record["train"]["status"],
-                     "final_loss": record["train"]["final_loss"], "mu_initial": mus[0] if mus else None,
-                     "mu_final": mus[-1] if mus else None, "mu_min": min(mus) if mus else None,
-                     "mu_max": max(mus) if mus else None, "curve": record["mu_curve"]})
+        rows.append(
+            {
+                "family": record["config"]["family_label"],
+                "model": record["config"]["train"]["model"]["name"],
+                "lr": record["config"]["train"]["lr"],
+                "status": record["train"]["status"],
+                "final_loss": record["train"]["final_loss"],
+                "mu_initial": mus[0] if mus else None,
+                "mu_final": mus[-1] if mus else None,
+                "mu_min": min(mus) if mus else None,
+                "mu_max": max(mus) if mus else None,
+                "curve": record["mu_curve"],
+            }
+        )
     measured = [r for r in rows if r["mu_min"] is not None]
     if measured:
         lowest = min(measured, key=lambda r: r["mu_min"])
         per_family = "; ".join(f"{r['family']}: {r['mu_min']:.3g}" for r in measured)
-        checks = [check(f"min mu along training >= {config.mu_floor:g} for every family",
-                        lowest["mu_min"] >= config.mu_floor, f"min mu per family: {per_family}")]
+        checks = [
+            check(
+                f"min mu along training >= {config.mu_floor:g} for every family",
+                lowest["mu_min"] >= config.mu_floor,
+                f"min mu per family: {per_family}",
+            )
+        ]
     else:
-        checks = [check(f"min mu along training >= {config.mu_floor:g} for every family", None, "no mu was measured")]
-    return {"experiment": NAME, "title": TITLE, "claim": CLAIM, "holds": overall(checks), "checks": checks,
-            "config": to_dict(config), "rows": rows}
+        checks = [
+            check(
+                f"min mu along training >= {config.mu_floor:g} for every family", None, "no mu was measured"
+            )
+        ]
+    return {
+        "experiment": NAME,
+        "title": TITLE,
+        "claim": CLAIM,
+        "holds": overall(checks),
+        "checks": checks,
+        "config": to_dict(config),
+        "rows": rows,
+    }

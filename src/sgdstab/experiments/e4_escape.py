@@ -11,6 +11,7 @@ nonlinearity takes over. ``stability`` gives the rigorous factor with mu_min and
 log rho(T). One run then goes on until it converges again, at a flatter minimum that should
 satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, full_data, preset, quick_data, to_dict
+from sgdstab.experiments.config import (
+    DataConfig,
+    MeasureConfig,
+    ModelConfig,
+    full_data,
+    preset,
+    quick_data,
+    to_dict,
+)
 from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
 from sgdstab.experiments.runs import (
-    Progress, TrainSpec, check, execute, no_progress, overall, quiet_stability, run_training, save_analysis,
+    Progress,
+    TrainSpec,
+    check,
+    execute,
+    no_progress,
+    overall,
+    quiet_stability,
+    run_training,
+    save_analysis,
     spec_config,
 )
 from sgdstab.io import atomic_write
@@ -32,8 +49,10 @@ from sgdstab.training import CHECKPOINT_FILE
 
 NAME = "E4"
 TITLE = "Exponential escape from a sharp minimum"
-CLAIM = ("From a sharp minimum found by GD, SGD with eta^2 p_B mu ||H||_F^2 > 1 escapes with log-loss growing "
-         "linearly at a rate >= log(eta^2 p_B mu ||H||_F^2), then settles at a flatter minimum that satisfies the bound.")
+CLAIM = (
+    "From a sharp minimum found by GD, SGD with eta^2 p_B mu ||H||_F^2 > 1 escapes with log-loss growing "
+    "linearly at a rate >= log(eta^2 p_B mu ||H||_F^2), then settles at a flatter minimum that satisfies the bound."
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,9 @@ class Config:
     sgd_lr: float | None = None  # set to override the learning rate derived from escape_factor
     escape_steps: int = 30
     repeats: int = 32
-    linearized_chains: int = 500  # chains of linearised SGD (stability.simulate_linearized_sgd) from the same start
+    linearized_chains: int = (
+        500  # chains of linearised SGD (stability.simulate_linearized_sgd) from the same start
+    )
     fit_max_loss: float = 1e-2  # the slope is fitted while the mean loss is below this (linear regime)
     bootstrap: int = 200  # resamples of the runs for the standard error of the measured slope
     settle_steps: int = 10_000
@@ -63,22 +84,45 @@ class Config:
 
 def default_config(scale: str) -> Config:
     # n = 250: GD minima are sharper at smaller n (E3), and the escape needs one sharper than SGD tolerates.
-    quick = Config(data=quick_data(n=250), model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}), gd_lr=0.03)
-    full = Config(data=full_data(), model=ModelConfig("vgg", {"depth": 11, "width": 16}), gd_lr=0.01,
-                  gd_max_steps=50_000, batch_size=8, settle_steps=100_000,
-                  measure=MeasureConfig(alignment="stochastic"), device="cuda")
+    quick = Config(
+        data=quick_data(n=250), model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}), gd_lr=0.03
+    )
+    full = Config(
+        data=full_data(),
+        model=ModelConfig("vgg", {"depth": 11, "width": 16}),
+        gd_lr=0.01,
+        gd_max_steps=50_000,
+        batch_size=8,
+        settle_steps=100_000,
+        measure=MeasureConfig(alignment="stochastic"),
+        device="cuda",
+    )
     return preset(scale, quick, full)
 
 
 def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
     total = config.repeats + 1
     progress(f"{NAME} GD to a sharp minimum", 0, total)
-    gd_spec = TrainSpec(data=config.data, model=config.model, lr=config.gd_lr, batch_size=None,
-                        max_steps=config.gd_max_steps, loss_goal=config.gd_loss_goal, eval_every=config.gd_eval_every,
-                        seed=config.seed,
-                        device=config.device, dtype=config.dtype)
-    gd_config = spec_config(gd_spec, measure=to_dict(config.measure), batch_size=config.batch_size,
-                            sampling=config.sampling, escape_factor=config.escape_factor, sgd_lr=config.sgd_lr)
+    gd_spec = TrainSpec(
+        data=config.data,
+        model=config.model,
+        lr=config.gd_lr,
+        batch_size=None,
+        max_steps=config.gd_max_steps,
+        loss_goal=config.gd_loss_goal,
+        eval_every=config.gd_eval_every,
+        seed=config.seed,
+        device=config.device,
+        dtype=config.dtype,
+    )
+    gd_config = spec_config(
+        gd_spec,
+        measure=to_dict(config.measure),
+        batch_size=config.batch_size,
+        sampling=config.sampling,
+        escape_factor=config.escape_factor,
+        sgd_lr=config.sgd_lr,
+    )
     minimum = execute(root, NAME, "gd", gd_config, lambda folder: _sharp_minimum(folder, gd_spec, config))
     if minimum["train"]["status"] != "converged":
         return save_analysis(root, NAME, analyse(minimum, [], config))
@@ -87,14 +131,31 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
     escapes = []
     for repeat in range(config.repeats):
         progress(f"{NAME} SGD escape {repeat + 1}/{config.repeats}", repeat + 1, total)
-        spec = TrainSpec(data=config.data, model=config.model, lr=sgd_lr, batch_size=config.batch_size,
-                         sampling=config.sampling, max_steps=config.escape_steps, loss_goal=None, eval_every=1,
-                         seed=config.seed + 1 + repeat, device=config.device, dtype=config.dtype,
-                         init_from=minimum["folder"])
+        spec = TrainSpec(
+            data=config.data,
+            model=config.model,
+            lr=sgd_lr,
+            batch_size=config.batch_size,
+            sampling=config.sampling,
+            max_steps=config.escape_steps,
+            loss_goal=None,
+            eval_every=1,
+            seed=config.seed + 1 + repeat,
+            device=config.device,
+            dtype=config.dtype,
+            init_from=minimum["folder"],
+        )
         # Repeat 0 also trains on until SGD converges again, and measures where it settled.
         settle = repeat == 0
-        escapes.append(execute(root, NAME, f"sgd-r{repeat}", spec_config(spec, settle=settle),
-                               lambda folder: _escape(folder, spec, config, settle)))
+        escapes.append(
+            execute(
+                root,
+                NAME,
+                f"sgd-r{repeat}",
+                spec_config(spec, settle=settle),
+                lambda folder: _escape(folder, spec, config, settle),
+            )
+        )
     progress(NAME, total, total)
     return save_analysis(root, NAME, analyse(minimum, escapes, config))
 
@@ -108,19 +169,37 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
     curvature = curvature_summary(problem, **config.measure.kwargs())
     noise = batch_noise_factor(problem.num_samples, config.batch_size, config.sampling)
     # eta with eta^2 p_B mu ||H||_F^2 = escape_factor, from the exact ||G||_F (= ||H||_F at an interpolating minimum).
-    sgd_lr = config.sgd_lr or math.sqrt(config.escape_factor / (noise * curvature.mu * curvature.gn_frobenius**2))
+    sgd_lr = config.sgd_lr or math.sqrt(
+        config.escape_factor / (noise * curvature.mu * curvature.gn_frobenius**2)
+    )
     linear = quiet_stability(problem, lr=sgd_lr, batch_size=config.batch_size, sampling=config.sampling)
     # Linearised SGD from the minimum's own residual: the dynamics the rates above describe.
-    simulated = simulate_linearized_sgd(problem, sgd_lr, config.batch_size, config.sampling, num_steps=config.escape_steps,
-                                        num_chains=config.linearized_chains, seed=config.seed,
-                                        init=problem.residuals().reshape(-1))
-    return {**final, "curvature": curvature.to_dict(), "sgd_lr": sgd_lr, "batch_noise": noise,
-            "linearized_loss": simulated.loss_mean.tolist(),
-            "predicted_rate": math.log(sgd_lr**2 * noise * curvature.mu * linear.hessian_frobenius**2),
-            "rigorous_rate": linear.log_escape_rate, "exact_rate": math.log(linear.growth_factor),
-            "growth_factor": linear.growth_factor, "thresholds": linear.thresholds,
-            "lambda_max": linear.lambda_max, "hessian_frobenius": linear.hessian_frobenius, "mu_min": linear.mu_min,
-            "warnings": linear.warnings}
+    simulated = simulate_linearized_sgd(
+        problem,
+        sgd_lr,
+        config.batch_size,
+        config.sampling,
+        num_steps=config.escape_steps,
+        num_chains=config.linearized_chains,
+        seed=config.seed,
+        init=problem.residuals().reshape(-1),
+    )
+    return {
+        **final,
+        "curvature": curvature.to_dict(),
+        "sgd_lr": sgd_lr,
+        "batch_noise": noise,
+        "linearized_loss": simulated.loss_mean.tolist(),
+        "predicted_rate": math.log(sgd_lr**2 * noise * curvature.mu * linear.hessian_frobenius**2),
+        "rigorous_rate": linear.log_escape_rate,
+        "exact_rate": math.log(linear.growth_factor),
+        "growth_factor": linear.growth_factor,
+        "thresholds": linear.thresholds,
+        "lambda_max": linear.lambda_max,
+        "hessian_frobenius": linear.hessian_frobenius,
+        "mu_min": linear.mu_min,
+        "warnings": linear.warnings,
+    }
 
 
 def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
@@ -134,8 +213,13 @@ def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
         if not (settle_folder / CHECKPOINT_FILE).exists():
             with atomic_write(settle_folder / CHECKPOINT_FILE, "wb") as copy:
                 copy.write((folder.path / CHECKPOINT_FILE).read_bytes())
-        problem, settled = run_training(settle_folder, spec, loss_goal=config.settle_loss_goal,
-                                        max_steps=config.escape_steps + config.settle_steps, eval_every=None)
+        problem, settled = run_training(
+            settle_folder,
+            spec,
+            loss_goal=config.settle_loss_goal,
+            max_steps=config.escape_steps + config.settle_steps,
+            eval_every=None,
+        )
         final["settle"] = settled.summary()
         if settled.status == "converged":
             final["settled_curvature"] = curvature_summary(problem, **config.measure.kwargs()).to_dict()
@@ -155,34 +239,52 @@ def slope(log_values: np.ndarray) -> float:
 
 def escape_rate(curves: list[list[list[float]]], max_loss: float, bootstrap: int, seed: int) -> dict:
     """Slope of log(mean loss over runs) per step over the fit window, with a bootstrap standard
-    error over runs (the mean of exponentially growing runs is heavy-tailed, so few runs scatter)."""
+    error over runs (the mean of exponentially growing runs is heavy-tailed, so few runs scatter).
+    """
     length = min(len(curve) for curve in curves)
     losses = np.array([[loss for _, loss in curve[:length]] for curve in curves])
     log_mean = np.log(losses.mean(axis=0))
     end = fit_window(log_mean, max_loss)
     rng = np.random.default_rng(seed)
-    resampled = [slope(np.log(losses[rng.integers(0, len(losses), len(losses)), :end].mean(axis=0)))
-                 for _ in range(bootstrap)]
-    return {"rate": slope(log_mean[:end]), "stderr": float(np.std(resampled)), "fitted_steps": end,
-            "log_mean_loss": log_mean.tolist()}
+    resampled = [
+        slope(np.log(losses[rng.integers(0, len(losses), len(losses)), :end].mean(axis=0)))
+        for _ in range(bootstrap)
+    ]
+    return {
+        "rate": slope(log_mean[:end]),
+        "stderr": float(np.std(resampled)),
+        "fitted_steps": end,
+        "log_mean_loss": log_mean.tolist(),
+    }
 
 
 def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
-    analysis = {"experiment": NAME, "title": TITLE, "claim": CLAIM, "config": to_dict(config), "minimum": minimum}
+    analysis = {
+        "experiment": NAME,
+        "title": TITLE,
+        "claim": CLAIM,
+        "config": to_dict(config),
+        "minimum": minimum,
+    }
     claim_escape = "the log mean loss grows at least at the predicted rate log(eta^2 p_B mu ||H||_F^2)"
     claim_settle = "SGD settles at a flatter minimum with ||H||_F <= sqrt(B/mu)/eta"
     if minimum["train"]["status"] != "converged" or not escapes:
-        checks = [check(claim_escape, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
-                  check(claim_settle, None, "no escape was run")]
+        checks = [
+            check(claim_escape, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
+            check(claim_settle, None, "no escape was run"),
+        ]
         return {**analysis, "holds": overall(checks), "checks": checks}
 
-    measured = escape_rate([record["curve"] for record in escapes], config.fit_max_loss, config.bootstrap, config.seed)
+    measured = escape_rate(
+        [record["curve"] for record in escapes], config.fit_max_loss, config.bootstrap, config.seed
+    )
     linearized = slope(np.log(minimum["linearized_loss"][: measured["fitted_steps"]]))
     predicted, rigorous, exact = minimum["predicted_rate"], minimum["rigorous_rate"], minimum["exact_rate"]
     gd_stable = minimum["sgd_lr"] <= minimum["thresholds"]["gd"]
     # "At least": the claim fails only when the measured rate is below the prediction by more than two standard errors.
     escape_check = check(
-        claim_escape, measured["rate"] + 2 * measured["stderr"] >= predicted,
+        claim_escape,
+        measured["rate"] + 2 * measured["stderr"] >= predicted,
         f"measured {measured['rate']:.3f} +- {measured['stderr']:.3f} per step (log of the mean of {len(escapes)} SGD runs, "
         f"first {measured['fitted_steps']} steps) against predicted {predicted:.3f} (mu = {minimum['curvature']['mu']:.3g} "
         f"at the minimum); linearised SGD ({config.linearized_chains} chains): {linearized:.3f}; exact log rho(T): "
@@ -194,16 +296,26 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
     settled = settler.get("settled_curvature")
     if settled is None:
         status = settler.get("settle", settler["escape"])["status"]
-        settle_check = check(claim_settle, False if status == "diverged" else None, f"the settling run ended as {status!r}")
+        settle_check = check(
+            claim_settle, False if status == "diverged" else None, f"the settling run ended as {status!r}"
+        )
     else:
         bound = frobenius_bound(minimum["sgd_lr"], minimum["batch_noise"], settled["mu"])
         before = minimum["curvature"]["frobenius"]
         settle_check = check(
-            claim_settle, settled["frobenius"] <= bound and settled["frobenius"] < before,
+            claim_settle,
+            settled["frobenius"] <= bound and settled["frobenius"] < before,
             f"||H||_F went from {before:.3g} at the GD minimum to {settled['frobenius']:.3g} after "
             f"{settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
         )
         analysis["settled_bound"] = bound
     checks = [escape_check, settle_check]
-    return {**analysis, "holds": overall(checks), "checks": checks, "measured": measured,
-            "linearized_rate": linearized, "curves": [record["curve"] for record in escapes], "settled": settled}
+    return {
+        **analysis,
+        "holds": overall(checks),
+        "checks": checks,
+        "measured": measured,
+        "linearized_rate": linearized,
+        "curves": [record["curve"] for record in escapes],
+        "settled": settled,
+    }

@@ -8,6 +8,7 @@ empirical threshold: bisection on eta for the growth of E L~ in linearised SGD
 (``simulate_linearized_sgd``). Expected: eta* <= min(gd, (15), (16), Frobenius) for the
 necessary criteria, wme <= eta* for the sufficient one, and the empirical threshold at eta*.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,15 @@ from dataclasses import dataclass
 
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
-    Progress, TrainSpec, check, execute, no_progress, overall, quiet_stability, run_training, save_analysis,
+    Progress,
+    TrainSpec,
+    check,
+    execute,
+    no_progress,
+    overall,
+    quiet_stability,
+    run_training,
+    save_analysis,
     spec_config,
 )
 from sgdstab.problem import Problem
@@ -24,8 +33,10 @@ from sgdstab.stability import simulate_linearized_sgd
 
 NAME = "E5"
 TITLE = "Stability criteria side by side"
-CLAIM = ("On the same minima, the exact threshold eta* lies below every necessary criterion (GD, Mulayoff-Michaeli "
-         "(15), (16) and (24), Frobenius with mu_min), and the empirical threshold of linearised SGD agrees with eta*.")
+CLAIM = (
+    "On the same minima, the exact threshold eta* lies below every necessary criterion (GD, Mulayoff-Michaeli "
+    "(15), (16) and (24), Frobenius with mu_min), and the empirical threshold of linearised SGD agrees with eta*."
+)
 NECESSARY = ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius")
 
 
@@ -59,11 +70,22 @@ class Config:
 
 def default_config(scale: str) -> Config:
     # n = 250 keeps the nC x nC second-moment analysis of stability() to seconds on a CPU.
-    quick = Config(data=quick_data(n=250), model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}),
-                   minima=(Minimum("GD", 0.03), Minimum("SGD B4", 0.03, 4)), batch_sizes=(1, 8))
-    full = Config(data=full_data(n=1000), model=ModelConfig("vgg", {"depth": 11, "width": 16}),
-                  minima=(Minimum("GD", 0.01), Minimum("SGD B32", 0.02, 32), Minimum("SGD B8", 0.02, 8)),
-                  batch_sizes=(1, 8, 32), max_steps=100_000, simulation_chains=1000, bisection_steps=7, device="cuda")
+    quick = Config(
+        data=quick_data(n=250),
+        model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}),
+        minima=(Minimum("GD", 0.03), Minimum("SGD B4", 0.03, 4)),
+        batch_sizes=(1, 8),
+    )
+    full = Config(
+        data=full_data(n=1000),
+        model=ModelConfig("vgg", {"depth": 11, "width": 16}),
+        minima=(Minimum("GD", 0.01), Minimum("SGD B32", 0.02, 32), Minimum("SGD B8", 0.02, 8)),
+        batch_sizes=(1, 8, 32),
+        max_steps=100_000,
+        simulation_chains=1000,
+        bisection_steps=7,
+        device="cuda",
+    )
     return preset(scale, quick, full)
 
 
@@ -72,14 +94,32 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
     for index, minimum in enumerate(config.minima):
         progress(f"{NAME} {minimum.label}", index, len(config.minima))
         sgd = minimum.batch_size is not None
-        spec = TrainSpec(data=config.data, model=config.model, lr=minimum.lr, batch_size=minimum.batch_size,
-                         sampling=config.sampling, max_steps=config.max_steps, loss_goal=config.loss_goal,
-                         eval_every=None if sgd else config.eval_every, seed=config.seed, device=config.device,
-                         dtype=config.dtype)
-        settings = {k: to_dict(config)[k] for k in ("batch_sizes", "simulation_steps", "simulation_chains", "bisection_steps")}
-        records.append(execute(root, NAME, minimum.label.replace(" ", "-"),
-                               spec_config(spec, minimum_label=minimum.label, **settings),
-                               lambda folder: _criteria(folder, spec, config)))
+        spec = TrainSpec(
+            data=config.data,
+            model=config.model,
+            lr=minimum.lr,
+            batch_size=minimum.batch_size,
+            sampling=config.sampling,
+            max_steps=config.max_steps,
+            loss_goal=config.loss_goal,
+            eval_every=None if sgd else config.eval_every,
+            seed=config.seed,
+            device=config.device,
+            dtype=config.dtype,
+        )
+        settings = {
+            k: to_dict(config)[k]
+            for k in ("batch_sizes", "simulation_steps", "simulation_chains", "bisection_steps")
+        }
+        records.append(
+            execute(
+                root,
+                NAME,
+                minimum.label.replace(" ", "-"),
+                spec_config(spec, minimum_label=minimum.label, **settings),
+                lambda folder: _criteria(folder, spec, config),
+            )
+        )
     progress(NAME, len(config.minima), len(config.minima))
     return save_analysis(root, NAME, analyse(records, config))
 
@@ -92,20 +132,36 @@ def _criteria(folder, spec: TrainSpec, config: Config) -> dict:
     rows = []
     for batch_size in config.batch_sizes:
         linear = quiet_stability(problem, lr=spec.lr, batch_size=batch_size, sampling=config.sampling)
-        rows.append({"batch_size": batch_size, "thresholds": linear.thresholds, "mu_min": linear.mu_min,
-                     "warnings": linear.warnings,
-                     "lambda_max": linear.lambda_max, "hessian_frobenius": linear.hessian_frobenius,
-                     "trace": linear.trace, "empirical": empirical_threshold(problem, batch_size, spec.lr, config)})
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "thresholds": linear.thresholds,
+                "mu_min": linear.mu_min,
+                "warnings": linear.warnings,
+                "lambda_max": linear.lambda_max,
+                "hessian_frobenius": linear.hessian_frobenius,
+                "trace": linear.trace,
+                "empirical": empirical_threshold(problem, batch_size, spec.lr, config),
+            }
+        )
     return {**final, "criteria": rows}
 
 
 def empirical_threshold(problem: Problem, batch_size: int, start: float, config: Config) -> float:
     """The lr where E L~ of linearised SGD stops decaying: bracket by doubling or halving from
-    ``start``, then bisect in log space (resolution: a factor 2^(1/2^bisection_steps))."""
+    ``start``, then bisect in log space (resolution: a factor 2^(1/2^bisection_steps)).
+    """
 
     def grows(lr: float) -> bool:
-        result = simulate_linearized_sgd(problem, lr, batch_size, config.sampling, num_steps=config.simulation_steps,
-                                         num_chains=config.simulation_chains, seed=config.seed)
+        result = simulate_linearized_sgd(
+            problem,
+            lr,
+            batch_size,
+            config.sampling,
+            num_steps=config.simulation_steps,
+            num_chains=config.simulation_chains,
+            seed=config.seed,
+        )
         return not result.growth_factor <= 1  # nan (overflow) counts as growth
 
     if grows(start):
@@ -126,31 +182,67 @@ def analyse(records: list[dict], config: Config) -> dict:
     rows = []
     for record in records:
         for criteria in record.get("criteria", []):
-            rows.append({"minimum": record["config"]["minimum_label"], "batch_size": criteria["batch_size"],
-                         **criteria["thresholds"], "empirical": criteria["empirical"], "mu_min": criteria["mu_min"],
-                         "lambda_max": criteria["lambda_max"], "hessian_frobenius": criteria["hessian_frobenius"]})
+            rows.append(
+                {
+                    "minimum": record["config"]["minimum_label"],
+                    "batch_size": criteria["batch_size"],
+                    **criteria["thresholds"],
+                    "empirical": criteria["empirical"],
+                    "mu_min": criteria["mu_min"],
+                    "lambda_max": criteria["lambda_max"],
+                    "hessian_frobenius": criteria["hessian_frobenius"],
+                }
+            )
     unconverged = [r["config"]["minimum_label"] for r in records if r["train"]["status"] != "converged"]
     if not rows:
         checks = [check("ordering", None, f"no minimum was reached ({', '.join(unconverged)})")]
-        return {"experiment": NAME, "title": TITLE, "claim": CLAIM, "holds": None, "checks": checks,
-                "config": to_dict(config), "rows": rows}
+        return {
+            "experiment": NAME,
+            "title": TITLE,
+            "claim": CLAIM,
+            "holds": None,
+            "checks": checks,
+            "config": to_dict(config),
+            "rows": rows,
+        }
 
     def below_all(row: dict) -> bool:
         # Relative slack for the rounding of two eigen-solvers computing the same number.
         return all(row["exact"] <= row[name] * (1 + 1e-6) for name in NECESSARY)
 
     ordered = [r for r in rows if below_all(r)]
-    tightest = {f"{r['minimum']} minimum at B={r['batch_size']}": min(NECESSARY, key=lambda name: r[name]) for r in rows}
+    tightest = {
+        f"{r['minimum']} minimum at B={r['batch_size']}": min(NECESSARY, key=lambda name: r[name])
+        for r in rows
+    }
     errors = [r["empirical"] / r["exact"] - 1 for r in rows]
     agreeing = sum(abs(e) <= config.agreement_tol for e in errors)
     sufficient = sum(r["wme"] <= r["exact"] * (1 + 1e-6) for r in rows)
     checks = [
-        check("eta* <= min(gd, mulayoff15, mulayoff16, frobenius) at every minimum and B", len(ordered) == len(rows),
-              f"{len(ordered)}/{len(rows)} cases; the tightest necessary criterion per case: "
-              + "; ".join(f"{case}: {name}" for case, name in tightest.items())),
-        check(f"empirical threshold within {config.agreement_tol:.0%} of eta*", agreeing == len(rows),
-              f"{agreeing}/{len(rows)} cases; empirical/exact - 1: " + ", ".join(f"{e:+.1%}" for e in errors)),
-        check("Wu-Ma-E (sufficient) threshold <= eta*", sufficient == len(rows), f"{sufficient}/{len(rows)} cases"),
+        check(
+            "eta* <= min(gd, mulayoff15, mulayoff16, frobenius) at every minimum and B",
+            len(ordered) == len(rows),
+            f"{len(ordered)}/{len(rows)} cases; the tightest necessary criterion per case: "
+            + "; ".join(f"{case}: {name}" for case, name in tightest.items()),
+        ),
+        check(
+            f"empirical threshold within {config.agreement_tol:.0%} of eta*",
+            agreeing == len(rows),
+            f"{agreeing}/{len(rows)} cases; empirical/exact - 1: " + ", ".join(f"{e:+.1%}" for e in errors),
+        ),
+        check(
+            "Wu-Ma-E (sufficient) threshold <= eta*",
+            sufficient == len(rows),
+            f"{sufficient}/{len(rows)} cases",
+        ),
     ]
-    return {"experiment": NAME, "title": TITLE, "claim": CLAIM, "holds": overall(checks), "checks": checks,
-            "config": to_dict(config), "rows": rows, "unconverged": unconverged}
+    return {
+        "experiment": NAME,
+        "title": TITLE,
+        "claim": CLAIM,
+        "holds": overall(checks),
+        "checks": checks,
+        "config": to_dict(config),
+        "rows": rows,
+        "unconverged": unconverged,
+    }

@@ -10,6 +10,7 @@ a resumed suite finds exactly the runs it already finished.
 Every training run is described by a ``TrainSpec``; ``load_run`` rebuilds the trained model and
 its data from a run folder, which is what ``sgdstab measure`` and ``sgdstab stability`` read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ def run_id(label: str, config: dict) -> str:
     return f"{label}-{config_id(config, length=8)}"
 
 
-def execute(root: str | os.PathLike, experiment: str, label: str, config: dict,
-            work: Callable[[RunFolder], dict]) -> dict:
+def execute(
+    root: str | os.PathLike, experiment: str, label: str, config: dict, work: Callable[[RunFolder], dict]
+) -> dict:
     """Run ``work(folder)`` unless the folder's ``final.json`` exists; return the final record.
 
     ``work`` may append metrics to the folder and use it as a checkpoint directory; what it
@@ -86,8 +88,14 @@ class TrainSpec:
     init_from: str | None = None
 
     @classmethod
-    def from_dict(cls, config: dict) -> "TrainSpec":
-        return cls(**{**config, "data": DataConfig(**_tuples(config["data"])), "model": ModelConfig(**config["model"])})
+    def from_dict(cls, config: dict) -> TrainSpec:
+        return cls(
+            **{
+                **config,
+                "data": DataConfig(**_tuples(config["data"])),
+                "model": ModelConfig(**config["model"]),
+            }
+        )
 
 
 def _tuples(config: dict) -> dict:
@@ -116,8 +124,13 @@ def _checkpoint_weights(folder: Path, device: str) -> dict:
     return torch.load(path, map_location=device, weights_only=True)["model"]
 
 
-def run_training(folder: str | os.PathLike, spec: TrainSpec, measure: Measure | list | None = None,
-                 progress: Callable[[dict], None] | None = None, **overrides) -> tuple[Problem, TrainResult]:
+def run_training(
+    folder: str | os.PathLike,
+    spec: TrainSpec,
+    measure: Measure | list | None = None,
+    progress: Callable[[dict], None] | None = None,
+    **overrides,
+) -> tuple[Problem, TrainResult]:
     """Train ``spec`` with ``folder`` as checkpoint directory (a killed run resumes there).
 
     ``overrides`` replace ``train`` arguments of this call only, e.g. ``loss_goal=None`` for a
@@ -125,16 +138,31 @@ def run_training(folder: str | os.PathLike, spec: TrainSpec, measure: Measure | 
     """
     data, model = build(spec)
     arguments = dict(
-        lr=spec.lr, batch_size=spec.batch_size, sampling=spec.sampling, max_steps=spec.max_steps,
-        loss_goal=spec.loss_goal, eval_every=spec.eval_every, measure_every=spec.measure_every, seed=spec.seed,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        sampling=spec.sampling,
+        max_steps=spec.max_steps,
+        loss_goal=spec.loss_goal,
+        eval_every=spec.eval_every,
+        measure_every=spec.measure_every,
+        seed=spec.seed,
     )
     arguments.update(overrides)
-    result = train(model, data.inputs, data.targets, measure=measure, checkpoint_dir=folder, progress=progress,
-                   **arguments)
+    result = train(
+        model,
+        data.inputs,
+        data.targets,
+        measure=measure,
+        checkpoint_dir=folder,
+        progress=progress,
+        **arguments,
+    )
     return Problem(model, data.inputs, data.targets), result
 
 
-def train_run(folder: str | os.PathLike, spec: TrainSpec, progress: Callable[[dict], None] | None = None) -> dict:
+def train_run(
+    folder: str | os.PathLike, spec: TrainSpec, progress: Callable[[dict], None] | None = None
+) -> dict:
     """Train ``spec`` in its own run folder (``sgdstab train``): config.json, checkpoint, metrics, final.json.
 
     A folder that already holds another run's config is refused rather than overwritten; the
@@ -165,7 +193,9 @@ def load_run(path: str | os.PathLike, device: str | None = None) -> tuple[Proble
     if folder.name == CHECKPOINT_FILE:
         folder = folder.parent
     if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a run folder: it has no {CONFIG_FILE} (make one with `sgdstab train`)")
+        raise FileNotFoundError(
+            f"{folder} is not a run folder: it has no {CONFIG_FILE} (make one with `sgdstab train`)"
+        )
     config = read_json(folder / CONFIG_FILE)
     if "train" not in config:
         raise ValueError(f"{folder} is not a training run: its {CONFIG_FILE} has no 'train' section")
@@ -202,7 +232,8 @@ def save_analysis(root: str | os.PathLike, experiment: str, analysis: dict) -> d
 
 def quiet_stability(problem: Problem, **kwargs) -> StabilityResult:
     """``stability`` with its "not a minimum" warning left in the result's ``warnings`` (which the
-    recipes store) instead of printed: a run stopped at its loss goal is near, not at, loss 0."""
+    recipes store) instead of printed: a run stopped at its loss goal is near, not at, loss 0.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return stability(problem, **kwargs)

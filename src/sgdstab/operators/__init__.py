@@ -1,4 +1,5 @@
 """Matrix-free curvature operators on flat parameter (or sample-space) vectors."""
+
 from sgdstab.operators.base import DenseOperator, LinearOperator
 from sgdstab.operators.gauss_newton import GaussNewtonOperator, gauss_newton
 from sgdstab.operators.hessian import HESSIAN_BACKENDS, HessianOperator, hessian
@@ -6,6 +7,15 @@ from sgdstab.operators.noise_covariance import NoiseCovarianceOperator, noise_co
 from sgdstab.operators.ntk import NTKOperator, ntk
 
 __all__ = [
-    "DenseOperator", "LinearOperator", "GaussNewtonOperator", "gauss_newton", "HESSIAN_BACKENDS",
-    "HessianOperator", "hessian", "NoiseCovarianceOperator", "noise_covariance", "NTKOperator", "ntk",
+    "DenseOperator",
+    "LinearOperator",
+    "GaussNewtonOperator",
+    "gauss_newton",
+    "HESSIAN_BACKENDS",
+    "HessianOperator",
+    "hessian",
+    "NoiseCovarianceOperator",
+    "noise_covariance",
+    "NTKOperator",
+    "ntk",
 ]

@@ -3,12 +3,15 @@
 An operator is a symmetric linear map on flat vectors, applied matrix-free: ``op @ v`` for a
 vector of shape ``(d,)`` or a matrix of columns of shape ``(d, k)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
+
+from sgdstab.errors import ResourceLimitError
 
 #: Largest number of entries ``to_dense`` builds unless told otherwise (2**26 float64 = 512 MiB).
 DEFAULT_MAX_DENSE_ENTRIES = 2**26
@@ -59,7 +62,7 @@ class LinearOperator:
         """The operator as a dense ``(d, d)`` tensor, built by applying it to identity blocks."""
         d = self.size
         if d * d > max_entries:
-            raise MemoryError(
+            raise ResourceLimitError(
                 f"{type(self).__name__} of size {d} x {d} would need {d * d:,} entries "
                 f"({d * d * torch.finfo(self.dtype).bits / 8 / 2**30:.1f} GiB), more than "
                 f"max_entries={max_entries:,}; use a matrix-free estimator or raise max_entries"

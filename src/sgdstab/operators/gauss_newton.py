@@ -3,6 +3,7 @@
 For square loss Lambda_i = I and G = (1/n) J^T J (SPEC.md section 1); for cross-entropy
 Lambda_i = diag(p_i) - p_i p_i^T, the generalized Gauss-Newton of Schraudolph (2002).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The Hessian of the full-data loss, H = d^2 L / d theta^2, applied matrix-free."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -38,7 +39,9 @@ class HessianOperator(LinearOperator):
         if backend not in HESSIAN_BACKENDS:
             raise ProblemError(f"backend must be one of {HESSIAN_BACKENDS}, got {backend!r}")
         if cache_graph and backend != "double_backward":
-            raise ProblemError("cache_graph=True needs backend='double_backward' (forward_over_reverse keeps no graph)")
+            raise ProblemError(
+                "cache_graph=True needs backend='double_backward' (forward_over_reverse keeps no graph)"
+            )
         super().__init__(problem.num_params, problem.dtype, problem.device)
         self.problem = problem
         self.theta = (problem.parameters() if theta is None else theta).detach()
@@ -52,7 +55,10 @@ class HessianOperator(LinearOperator):
             result = sum(self._forward_over_reverse(columns, x, y) for x, y in self.problem.chunks())
         else:
             result = sum(
-                torch.stack([torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T], 1)
+                torch.stack(
+                    [torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T],
+                    1,
+                )
                 for theta, grad in self._gradient_graphs()
             )
         return result / self.problem.num_samples
@@ -78,7 +84,10 @@ class HessianOperator(LinearOperator):
 
 
 def hessian(
-    problem: Problem, theta: Tensor | None = None, backend: str = "double_backward", cache_graph: bool | None = None
+    problem: Problem,
+    theta: Tensor | None = None,
+    backend: str = "double_backward",
+    cache_graph: bool | None = None,
 ) -> HessianOperator:
     """The loss Hessian of ``problem`` at ``theta`` (default: the model's current parameters)."""
     return HessianOperator(problem, theta, backend, cache_graph)

@@ -5,9 +5,10 @@ autograd graph of one forward pass so that several J^T u (VJP) and J v (JVP) pro
 backward each. J v uses the double-VJP identity J v = d/du <J^T u, v> (u is a dummy cotangent),
 which keeps everything in reverse mode on the same graph.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -5,6 +5,7 @@ Mini-batch noise is p_B * Sigma. Per-sample gradients are never stored: with c_i
 of the per-sample losses), Sigma v = (1/n) sum_i c_i g_i - g (g^T v), and the sum is one VJP of
 the per-sample losses weighted by c.
 """
+
 from __future__ import annotations
 
 import torch

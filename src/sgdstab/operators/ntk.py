@@ -4,6 +4,7 @@ SPEC.md section 1: J stacks the per-sample Jacobians J_i = df(x_i)/dtheta (C x p
 so a sample-space vector u has length nC with u[i*C:(i+1)*C] belonging to sample i. K u = J (J^T u)
 costs one VJP pass and one JVP pass over the data; no Jacobian is stored.
 """
+
 from __future__ import annotations
 
 import torch
