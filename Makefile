@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 RUN_ARGS ?= --scale quick
 
-.PHONY: install test run bench clean
+.PHONY: install test lint run bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(PY) -m pytest -q
+
+# Zero findings or CI fails: ruff (lint with docstring rules, and format) and mypy on the package.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy
 
 run: install
 	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)
