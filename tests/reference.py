@@ -157,3 +157,15 @@ def kronecker_threshold(problem: Problem, batch_noise: float, rtol: float = 1e-1
     operator = kronecker_second_moment(problem, batch_noise)
     upper = 4 / torch.linalg.eigvalsh(dense_gauss_newton(problem))[-1].item()
     return largest_crossing(lambda lr: spectral_radius(operator(lr)) - 1, upper, rtol)
+
+
+def mlp_problem(
+    num_outputs: int, n: int, inputs_dim: int, hidden: int, seed: int = 0, chunk_size: int = 1024
+) -> Problem:
+    """A float64 tanh MLP on Gaussian inputs with Gaussian targets (not a minimum)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(inputs_dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, num_outputs)
+    ).double()
+    inputs = torch.randn(n, inputs_dim, dtype=torch.float64)
+    return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
