@@ -121,7 +121,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 NAME,
                 minimum.label.replace(" ", "-"),
                 spec_config(spec, minimum_label=minimum.label, **settings),
-                lambda folder: _criteria(folder, spec, config),
+                lambda folder, spec=spec: _criteria(folder, spec, config),
             )
         )
     progress(NAME, len(config.minima), len(config.minima))
@@ -152,8 +152,10 @@ def _criteria(folder, spec: TrainSpec, config: Config) -> dict:
 
 
 def empirical_threshold(problem: Problem, batch_size: int, start: float, config: Config) -> float:
-    """The lr where E L~ of linearised SGD stops decaying: bracket by doubling or halving from
-    ``start``, then bisect in log space (resolution: a factor 2^(1/2^bisection_steps)).
+    """The lr where E L~ of linearised SGD stops decaying.
+
+    Brackets by doubling or halving from ``start``, then bisects in log space (resolution: a
+    factor 2^(1/2^bisection_steps)).
     """
 
     def grows(lr: float) -> bool:
