@@ -77,15 +77,12 @@ def stability(
 ) -> StabilityResult:
     """Is ``theta`` a linearly stable minimum for SGD(lr, batch_size, sampling)? (SPEC.md section 3).
 
-    Thresholds (largest stable lr, same minimum, batch size and sampling), one per entry of
-    ``criteria.STABILITY_CRITERIA``:
-    - "exact": 1 / lambda_max(A^+ D) (Ma & Ying 2021; Mulayoff & Michaeli 2023).
-    - "frobenius": 1 / (||H||_F sqrt(p_B mu_min)) (Wu, Wang & Su 2022), necessary.
-    - "gd": 2 / lambda_max(H) (Cohen et al. 2021, edge of stability), necessary.
-    - "trace": 2 / (p_B tr H) (Wu & Su 2023 form for general B), reported as their criterion.
-    - "mulayoff15", "mulayoff16", "mulayoff24": Mulayoff & Michaeli (2023), their (15), (16),
-      (24), necessary.
-    - "wme": Wu, Ma & E (2018) one-step condition, sufficient only.
+    ``thresholds`` holds the largest stable lr (same minimum, batch size and sampling) by every
+    criterion of the registry ``criteria.STABILITY_CRITERIA``, which gives each one's formula,
+    citation and kind: the exact eta* (Ma & Ying 2021; Mulayoff & Michaeli 2023); the necessary
+    Frobenius criterion with mu_min (Wu, Wang & Su 2022), GD's 2/lambda_max (Cohen et al. 2021)
+    and Mulayoff & Michaeli's (15), (16), (24); the trace criterion of Wu & Su (2023), reported;
+    and the sufficient one-step condition of Wu, Ma & E (2018).
 
     Non-finite inputs, targets, parameters or outputs raise ``DataError`` before any spectrum is
     computed (``Problem.check_finite``).

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sgdstab.errors import InputError
 from sgdstab.stability.mulayoff2023 import mulayoff15_threshold, mulayoff16_threshold, mulayoff24_threshold
 from sgdstab.stability.second_moment import SecondMomentMap
 from sgdstab.stability.wu2018 import wme_threshold
@@ -28,9 +29,9 @@ from sgdstab.stability.wu2022 import frobenius_criterion
 KINDS = ("exact", "necessary", "sufficient", "reported")
 
 
-def exact_threshold(moment: SecondMomentMap) -> float:
+def exact_threshold(second_moment: SecondMomentMap) -> float:
     """eta* = 1 / lambda_max(A^+ D) (Ma & Ying 2021; Mulayoff & Michaeli 2023): ``SecondMomentMap.threshold``."""
-    return moment.threshold()
+    return second_moment.threshold()
 
 
 def gd_threshold(lambda_max: float) -> float:
@@ -80,7 +81,9 @@ STABILITY_CRITERIA: dict[str, Criterion] = {
             "frobenius",
             "Frobenius with mu_min",
             "Wu, Wang & Su 2022",
-            lambda moment: frobenius_criterion(moment.hessian_frobenius, moment.batch_noise, moment.mu_min),
+            lambda second_moment: frobenius_criterion(
+                second_moment.hessian_frobenius, second_moment.batch_noise, second_moment.mu_min
+            ),
         ),
         Criterion(
             "gd",
@@ -88,7 +91,7 @@ STABILITY_CRITERIA: dict[str, Criterion] = {
             "gd",
             "GD 2/lambda_max",
             "Cohen et al. 2021",
-            lambda moment: gd_threshold(moment.lambda_max),
+            lambda second_moment: gd_threshold(second_moment.lambda_max),
         ),
         Criterion(
             "trace",
@@ -96,7 +99,7 @@ STABILITY_CRITERIA: dict[str, Criterion] = {
             "trace",
             "trace 2/(p_B tr H)",
             "Wu & Su 2023",
-            lambda moment: trace_threshold(moment.trace, moment.batch_noise),
+            lambda second_moment: trace_threshold(second_moment.trace, second_moment.batch_noise),
         ),
         Criterion(
             "mulayoff15",
@@ -139,10 +142,10 @@ CRITERIA = tuple(STABILITY_CRITERIA)
 def criteria_of_kind(kind: str) -> tuple[str, ...]:
     """The names of the criteria of one kind ("exact", "necessary", "sufficient" or "reported")."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
     return tuple(name for name, criterion in STABILITY_CRITERIA.items() if criterion.kind == kind)
 
 
-def all_thresholds(moment: SecondMomentMap) -> dict[str, float]:
-    """The threshold of every criterion at the minimum of ``moment``, in the registry's order."""
-    return {name: criterion.threshold(moment) for name, criterion in STABILITY_CRITERIA.items()}
+def all_thresholds(second_moment: SecondMomentMap) -> dict[str, float]:
+    """The threshold of every criterion at the minimum of ``second_moment``, in the registry's order."""
+    return {name: criterion.threshold(second_moment) for name, criterion in STABILITY_CRITERIA.items()}

@@ -17,29 +17,33 @@ from sgdstab.stability.second_moment import SecondMomentMap
 _MULAYOFF24_STARTS = 4
 
 
-def mulayoff15_threshold(moment: SecondMomentMap) -> float:
+def mulayoff15_threshold(second_moment: SecondMomentMap) -> float:
     """Mulayoff & Michaeli (2023), their (15): 2l / (l^2 + (p_B/n) sum_i (v^T H_i v - l)^2).
 
     l = lambda_max(H), v its eigenvector.
     """
-    top = moment.rank - 1
-    top_curvature = moment.curvature[top].item()
-    along = moment.sample_factors[:, :, top].pow(2).sum(dim=1)  # v^T H_i v = ||M_i v||^2
+    top = second_moment.rank - 1
+    top_curvature = second_moment.curvature[top].item()
+    along = second_moment.sample_factors[:, :, top].pow(2).sum(dim=1)  # v^T H_i v = ||M_i v||^2
     spread = (along - top_curvature).pow(2).sum().item()
-    return 2 * top_curvature / (top_curvature**2 + moment.batch_noise / moment.num_samples * spread)
+    return (
+        2
+        * top_curvature
+        / (top_curvature**2 + second_moment.batch_noise / second_moment.num_samples * spread)
+    )
 
 
-def mulayoff16_threshold(moment: SecondMomentMap) -> float:
+def mulayoff16_threshold(second_moment: SecondMomentMap) -> float:
     """Mulayoff & Michaeli (2023), their (16): 2 tr H / ((1 - p_B) ||H||_F^2 + (p_B/n) sum_i ||H_i||_F^2)."""
-    factors = moment.sample_factors
+    factors = second_moment.sample_factors
     # ||H_i||_F = ||M_i^T M_i||_F = ||M_i M_i^T||_F, a C x C matrix.
     per_sample = torch.bmm(factors, factors.transpose(1, 2)).pow(2).sum().item()
-    denominator = (1 - moment.batch_noise) * moment.curvature.pow(2).sum().item()
-    denominator += moment.batch_noise / moment.num_samples * per_sample
-    return 2 * moment.curvature.sum().item() / denominator
+    denominator = (1 - second_moment.batch_noise) * second_moment.curvature.pow(2).sum().item()
+    denominator += second_moment.batch_noise / second_moment.num_samples * per_sample
+    return 2 * second_moment.curvature.sum().item() / denominator
 
 
-def mulayoff24_threshold(moment: SecondMomentMap) -> float:
+def mulayoff24_threshold(second_moment: SecondMomentMap) -> float:
     """Mulayoff & Michaeli (2023), their (24): 2/eta* >= max_{|v|=1} v^T H v + p_B Var_i(v^T H_i v) / v^T H v.
 
     Var_i is the mean over samples of (v^T H_i v - v^T H v)^2. Every v gives a valid necessary
@@ -47,8 +51,8 @@ def mulayoff24_threshold(moment: SecondMomentMap) -> float:
     eigenvectors of H and the top singular vectors of the sharpest samples' M_i, is a bound
     whatever the optimiser's luck; from the top eigenvector it is already their (15).
     """
-    n, p_b, curvature = moment.num_samples, moment.batch_noise, moment.curvature
-    factors = moment.sample_factors
+    n, p_b, curvature = second_moment.num_samples, second_moment.batch_noise, second_moment.curvature
+    factors = second_moment.sample_factors
 
     def negative_objective(point: np.ndarray) -> tuple[float, np.ndarray]:
         a = torch.as_tensor(point, dtype=curvature.dtype, device=curvature.device)
@@ -67,8 +71,8 @@ def mulayoff24_threshold(moment: SecondMomentMap) -> float:
         return -value.item(), -grad.cpu().numpy()
 
     starts = []
-    for index in range(moment.rank - 1, max(moment.rank - 1 - _MULAYOFF24_STARTS, -1), -1):
-        starts.append(torch.zeros(moment.rank, dtype=curvature.dtype))
+    for index in range(second_moment.rank - 1, max(second_moment.rank - 1 - _MULAYOFF24_STARTS, -1), -1):
+        starts.append(torch.zeros(second_moment.rank, dtype=curvature.dtype))
         starts[-1][index] = 1.0
     sharpest = torch.linalg.matrix_norm(factors).argsort(descending=True)[:_MULAYOFF24_STARTS]
     starts += [torch.linalg.svd(factors[i], full_matrices=False).Vh[0].cpu() for i in sharpest.tolist()]

@@ -15,7 +15,7 @@ from sgdstab.sample_space import block_congruence
 from sgdstab.stability.second_moment import SecondMomentMap
 
 
-def wme_threshold(moment: SecondMomentMap) -> float:
+def wme_threshold(second_moment: SecondMomentMap) -> float:
     """Wu, Ma & E (2018): the largest eta with lambda_max((I - eta H)^2 + eta^2 p_B Sigma_H) <= 1.
 
     Sigma_H = (1/n) sum_i H_i^2 - H^2. This one-step condition (E||delta_{t+1}||^2 <= ||delta_t||^2
@@ -24,8 +24,8 @@ def wme_threshold(moment: SecondMomentMap) -> float:
     eta <= 2 / lambda_max(H^{-1/2} [...] H^{-1/2}) in closed form (what bisection would find);
     in the row-space basis H^{-1/2} (1/n) sum_i H_i^2 H^{-1/2} = sum_i V_i^T (M_i M_i^T) V_i.
     """
-    factors = moment.sample_factors
+    factors = second_moment.sample_factors
     blocks = torch.bmm(factors, factors.transpose(1, 2))
-    matrix = moment.batch_noise * block_congruence(moment.spectrum.vectors, blocks)
-    matrix = matrix + torch.diag((1 - moment.batch_noise) * moment.curvature)
+    matrix = second_moment.batch_noise * block_congruence(second_moment.spectrum.vectors, blocks)
+    matrix = matrix + torch.diag((1 - second_moment.batch_noise) * second_moment.curvature)
     return 2 / torch.linalg.eigvalsh((matrix + matrix.T) / 2)[-1].item()
