@@ -171,7 +171,7 @@ class SecondMomentMap:
         """T(N) of SPEC.md section 3 for a sample-space second moment N on range(K)."""
         return self.to_sample_space(self(self.from_sample_space(moment), lr))
 
-    def _diagonal(self, shift: float, lr: float) -> Tensor:
+    def _shifted_drift(self, shift: float, lr: float) -> Tensor:
         """P(S) = (shift + lr (h_a + h_b)) * S_ab, floored at the rounding level of the sum.
 
         Near the diagonal bound the smallest entries are differences of nearly equal numbers; the
@@ -182,14 +182,14 @@ class SecondMomentMap:
             min=torch.finfo(scaled_drift.dtype).eps * scaled_drift.max().item()
         )
 
-    def _balance(
+    def _top_of_scaled_noise(
         self, shift: float, lr: float, start: Tensor, tol: float = _EIGSH_TOL
     ) -> tuple[float, Tensor]:
-        """Top eigenpair (f, Y) of F = lr^2 P^{-1/2} D P^{-1/2} (P: ``_diagonal``).
+        """Top eigenpair (f, Y) of F = lr^2 P^{-1/2} D P^{-1/2} (P: ``_shifted_drift``).
 
         F is symmetric PSD; f = 1 exactly when T'(X) = (1 + shift) X for X = P^{-1/2} Y.
         """
-        scale = self._diagonal(shift, lr).rsqrt()
+        scale = self._shifted_drift(shift, lr).rsqrt()
         return _top_eigenpair(
             lambda moment: lr**2 * scale * self.noise(scale * moment), self.rank, start, tol, self.solver
         )
@@ -198,7 +198,7 @@ class SecondMomentMap:
     def _threshold_pair(self) -> tuple[float, Tensor]:
         # At shift 0 and lr 1, F = A^{-1/2} D A^{-1/2}. Its top eigenvector is sqrt(A) * S* with S*
         # PSD (Perron-Frobenius), so this start overlaps it by sum_a 2 h_a S*_aa > 0.
-        return self._balance(0.0, 1.0, torch.diag(self._drift.diagonal().sqrt()))
+        return self._top_of_scaled_noise(0.0, 1.0, torch.diag(self._drift.diagonal().sqrt()))
 
     def threshold(self) -> float:
         """eta* = 1 / lambda_max(A^{-1} D) (Ma & Ying 2021; Mulayoff & Michaeli 2023).
@@ -231,7 +231,7 @@ class SecondMomentMap:
         diagonal_noise += (1 - self.batch_noise) * self.curvature**2
         floor = (lr**2 * diagonal_noise - 2 * lr * self.curvature).max().item()
         for _ in range(max_steps):
-            pulled = vector * self._diagonal(shift, lr).rsqrt()
+            pulled = vector * self._shifted_drift(shift, lr).rsqrt()
             step = (value - 1) / (value * pulled.pow(2).sum().item())
             updated = max(shift + step, floor)
             if abs(updated - shift) <= rtol * abs(updated) or abs(updated - shift) <= _SHIFT_ATOL:
@@ -239,5 +239,5 @@ class SecondMomentMap:
             shift = updated
             # Far from the root Newton needs f only to a fraction of f - 1 (inexact Newton).
             tol = _EIGSH_TOL if abs(value - 1) < _NEWTON_LOOSE_BELOW else _EIGSH_LOOSE_TOL
-            value, vector = self._balance(shift, lr, vector, tol)
+            value, vector = self._top_of_scaled_noise(shift, lr, vector, tol)
         return 1.0 + shift
