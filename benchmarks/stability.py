@@ -37,8 +37,12 @@ import sys
 import time
 from pathlib import Path
 
-import scipy.optimize
 import torch
+
+# The dense Kronecker reference is the tests' own (tests/reference.py), so the benchmark times the
+# very truth the tests check against.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import kronecker_threshold  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stability.json"
 MLP_HIDDEN = 128
@@ -96,36 +100,6 @@ def _warm_up() -> None:
     stability(problem, lr=0.1, batch_size=2)
 
 
-def _kronecker_threshold(problem, batch_noise: float) -> float:
-    """eta* from the p^2 x p^2 parameter-space second-moment operator (Ma & Ying 2021), by root finding."""
-    inputs = problem._inputs
-    jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(problem.parameters())
-    n, p = problem.num_samples, problem.num_params
-    per_sample = [torch.outer(row, row) for row in jacobian]
-    curvature = sum(per_sample) / n
-    values, vectors = torch.linalg.eigh(curvature)
-    kept = vectors[:, values > 1e-10 * values[-1]]
-    projector = torch.kron(kept @ kept.T, kept @ kept.T)
-    identity = torch.eye(p, dtype=torch.float64)
-    drift = torch.kron(curvature, identity) + torch.kron(identity, curvature)
-    noise = batch_noise / n * sum(torch.kron(h, h) for h in per_sample)
-    noise = noise + (1 - batch_noise) * torch.kron(curvature, curvature)
-
-    def excess(lr: float) -> float:
-        operator = (
-            projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
-        )
-        return torch.linalg.eigvalsh(operator).abs().max().item() - 1
-
-    # eta* <= 2 / lambda_max. Halve down to a clearly stable lr before Brent's method: near
-    # lr = 0, rho - 1 shrinks to rounding level and can show a spurious root.
-    upper = 4 / values[-1].item()
-    lower = upper / 2
-    while excess(lower) >= 0:
-        upper, lower = lower, lower / 2
-    return scipy.optimize.brentq(excess, lower, upper, xtol=1e-14, rtol=1e-10)
-
-
 def run_case(case: dict) -> dict:
     from sgdstab.alignment import alignment
     from sgdstab.sample_space import gram_matrix, gram_spectrum
@@ -169,7 +143,7 @@ def run_case(case: dict) -> dict:
         problem = _tiny_mlp(case["hidden"], case["n"])
         batch_noise = batch_noise_factor(problem.num_samples, case["batch"], "with_replacement")
         if kind == "kronecker":
-            threshold, seconds = _timed(lambda: _kronecker_threshold(problem, batch_noise))
+            threshold, seconds = _timed(lambda: kronecker_threshold(problem, batch_noise, rtol=1e-10))
         else:
             result, seconds = _timed(lambda: stability(problem, lr=0.1, batch_size=case["batch"]))
             threshold = result.thresholds["exact"]

@@ -5,56 +5,36 @@ import math
 import pytest
 import torch
 
+from reference import (
+    all_data,
+    assert_matches,
+    dense_gauss_newton,
+    dense_hessian,
+    dense_noise_covariance,
+    dense_residuals,
+    dense_worst_case_alignment,
+    mlp_problem,
+    mu_by_definition,
+)
 from sgdstab import Problem, ProblemError
 from sgdstab.alignment import alignment
 
 
 def _mlp_problem(num_outputs: int, n: int = 12, seed: int = 0, chunk_size: int = 5) -> Problem:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, num_outputs)
-    ).double()
-    inputs = torch.randn(n, 4, dtype=torch.float64)
-    return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
-
-
-def _dense_quantities(problem: Problem):
-    """J, per-sample gradients, Sigma, G, H and L built directly in parameter space by torch.func."""
-    inputs, targets = problem._inputs, problem._targets
-    theta = problem.parameters()
-    n, outputs = problem.num_samples, problem.num_outputs
-    jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(theta)
-    residuals = (problem.forward(theta, inputs) - targets).reshape(-1)
-    per_sample = torch.stack(
-        [
-            jacobian[i * outputs : (i + 1) * outputs].T @ residuals[i * outputs : (i + 1) * outputs]
-            for i in range(n)
-        ]
-    )
-    mean = per_sample.mean(dim=0)
-    sigma = per_sample.T @ per_sample / n - torch.outer(mean, mean)
-    gauss_newton = jacobian.T @ jacobian / n
-
-    def loss_of(t):
-        return (problem.forward(t, inputs) - targets).pow(2).sum() / (2 * n)
-
-    hessian = torch.func.jacrev(torch.func.jacrev(loss_of))(theta)
-    loss = residuals.pow(2).sum() / (2 * n)
-    return jacobian, residuals, sigma, gauss_newton, hessian, loss
+    return mlp_problem(num_outputs, n, inputs_dim=4, hidden=5, seed=seed, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("num_outputs", [1, 3])
 def test_exact_alignment_equals_parameter_space_definition(num_outputs):
     problem = _mlp_problem(num_outputs)
-    _, _, sigma, gauss_newton, hessian, loss = _dense_quantities(problem)
+    sigma, gauss_newton = dense_noise_covariance(problem), dense_gauss_newton(problem)
+    loss = dense_residuals(problem).pow(2).sum() / (2 * problem.num_samples)
     result = alignment(problem)
-    expected_mu = torch.trace(sigma @ gauss_newton) / (2 * loss * gauss_newton.pow(2).sum())
-    expected_mu_h = torch.trace(sigma @ hessian) / (2 * loss * hessian.pow(2).sum())
-    assert result.mu == pytest.approx(expected_mu.item(), rel=1e-10)
-    assert result.mu_hessian == pytest.approx(expected_mu_h.item(), rel=1e-8)
-    assert result.trace_sigma_g == pytest.approx(torch.trace(sigma @ gauss_newton).item(), rel=1e-10)
-    assert result.loss == pytest.approx(loss.item(), rel=1e-12)
-    assert result.gn_frobenius == pytest.approx(torch.linalg.matrix_norm(gauss_newton).item(), rel=1e-10)
+    assert_matches(result.mu, mu_by_definition(problem), rtol=1e-10)
+    assert_matches(result.mu_hessian, mu_by_definition(problem, dense_hessian(problem)), rtol=1e-8)
+    assert_matches(result.trace_sigma_g, torch.trace(sigma @ gauss_newton), rtol=1e-10)
+    assert_matches(result.loss, loss, rtol=1e-12)
+    assert_matches(result.gn_frobenius, torch.linalg.matrix_norm(gauss_newton), rtol=1e-10)
     assert (result.num_samples, result.num_outputs, result.method, result.stderr) == (
         12,
         num_outputs,
@@ -70,19 +50,8 @@ def test_exact_alignment_equals_parameter_space_definition(num_outputs):
 @pytest.mark.parametrize("num_outputs", [1, 3])
 def test_worst_case_alignment_equals_its_definition(num_outputs):
     problem = _mlp_problem(num_outputs, n=6)  # p = 31 + 6C > nC: K is full rank
-    jacobian, *_ = _dense_quantities(problem)
-    gram = jacobian @ jacobian.T
-    square = gram @ gram
-    n = problem.num_samples
-    block_diagonal = torch.block_diag(
-        *[
-            square[i * num_outputs : (i + 1) * num_outputs, i * num_outputs : (i + 1) * num_outputs]
-            for i in range(n)
-        ]
-    )
-    expected = torch.linalg.eigvalsh(n * block_diagonal - square)[0] / gram.pow(2).sum()
     result = alignment(problem, hessian=False)
-    assert result.mu_min == pytest.approx(expected.item(), rel=1e-8, abs=1e-12)
+    assert_matches(result.mu_min, dense_worst_case_alignment(problem), rtol=1e-8, atol=1e-12)
     assert 0 <= result.mu_min <= result.mu
 
 
@@ -148,10 +117,11 @@ def test_a_sketch_spanning_sample_space_makes_the_stochastic_path_exact():
 def test_alignment_does_not_depend_on_the_scale_of_the_residuals():
     problem = _mlp_problem(3)
     outputs = problem.outputs()
-    direction = outputs - problem._targets
+    inputs, targets = all_data(problem)
+    direction = outputs - targets
     values = []
     for scale in (1e-3, 1.0, 1e3):
-        scaled = Problem(problem.model, problem._inputs, outputs - scale * direction)
+        scaled = Problem(problem.model, inputs, outputs - scale * direction)
         values.append(alignment(scaled, hessian=False).mu)
     assert values == pytest.approx([values[1]] * 3, rel=1e-9)
 
@@ -243,7 +213,8 @@ def test_alignment_refuses_bad_arguments_and_oversized_k():
 
 def test_alignment_is_nan_with_zero_residuals_but_the_worst_case_stands():
     problem = _mlp_problem(1)
-    interpolating = Problem(problem.model, problem._inputs, problem.outputs(), chunk_size=problem.chunk_size)
+    inputs, _ = all_data(problem)
+    interpolating = Problem(problem.model, inputs, problem.outputs(), chunk_size=problem.chunk_size)
     result = alignment(interpolating, hessian=False)
     assert math.isnan(result.mu) and result.loss == 0
     assert result.mu_min > 0

@@ -3,21 +3,13 @@
 import pytest
 import torch
 
+from reference import all_data, assert_matches, dense_gram, mlp_problem
 from sgdstab import Problem
 from sgdstab.sample_space import block_congruence, gram_matrix, gram_spectrum
 
 
 def _mlp_problem(num_outputs: int, n: int = 9, chunk_size: int = 4, seed: int = 0) -> Problem:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, num_outputs)
-    ).double()
-    inputs = torch.randn(n, 3, dtype=torch.float64)
-    return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
-
-
-def _dense_jacobian(problem: Problem, inputs: torch.Tensor) -> torch.Tensor:
-    return torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(problem.parameters())
+    return mlp_problem(num_outputs, n, inputs_dim=3, hidden=4, seed=seed, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("num_outputs", [1, 3])
@@ -26,15 +18,14 @@ def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_ent
     # p = 16 + 5C. Stored J; then two panels of budget // (2 C p) samples recomputed per pass:
     # 3 samples for C=1 (panels straddle the chunks of 4), 2 samples, and the floor of one sample.
     problem = _mlp_problem(num_outputs)
-    jacobian = _dense_jacobian(problem, problem._inputs)
     gram = gram_matrix(problem, max_jacobian_entries=max_jacobian_entries)
-    torch.testing.assert_close(gram, jacobian @ jacobian.T, rtol=1e-12, atol=1e-12)
+    assert_matches(gram, dense_gram(problem), rtol=1e-12, atol=1e-12)
 
 
 def test_gram_matrix_from_loader_matches_tensors():
     problem = _mlp_problem(2)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(problem._inputs, problem._targets), batch_size=4, shuffle=False
+        torch.utils.data.TensorDataset(*all_data(problem)), batch_size=4, shuffle=False
     )
     from_loader = Problem.from_loader(problem.model, loader)
     torch.testing.assert_close(gram_matrix(from_loader, max_jacobian_entries=50), gram_matrix(problem))

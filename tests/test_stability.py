@@ -1,28 +1,44 @@
 """Linear stability of SGD (SPEC.md section 3) against enumerated batches, the parameter-space
 Kronecker operator and Monte Carlo runs of linearised SGD."""
 
-import importlib
 import itertools
 import math
 import warnings
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 
-from sgdstab import Problem, ProblemError
+from reference import (
+    all_data,
+    assert_matches,
+    dense_gauss_newton,
+    dense_gram,
+    dense_worst_case_alignment,
+    kronecker_second_moment,
+    kronecker_threshold,
+    largest_crossing,
+    per_sample_curvatures,
+    spectral_radius,
+)
+from sgdstab import DataError, InputError, Problem, ProblemError
 from sgdstab.sample_space import gram_spectrum
 from sgdstab.stability import (
     CRITERIA,
+    KINDS,
+    STABILITY_CRITERIA,
     SecondMomentMap,
     batch_noise_factor,
+    criteria_of_kind,
+    escape_factor,
+    escape_learning_rate,
+    frobenius_bound,
+    frobenius_criterion,
+    gd_threshold,
     simulate_linearized_sgd,
     stability,
+    trace_threshold,
 )
-
-# The package exports the function sgdstab.stability, which hides the module of that name.
-stability_module = importlib.import_module("sgdstab.stability")
 
 SAMPLINGS = ["with_replacement", "without_replacement"]
 
@@ -39,60 +55,6 @@ def _minimum(seed: int, n: int, num_outputs: int, hidden: int = 3, inputs_dim: i
     return Problem(model, inputs, targets)
 
 
-def _jacobian(problem: Problem) -> torch.Tensor:
-    return torch.func.jacrev(lambda t: problem.forward(t, problem._inputs).reshape(-1))(problem.parameters())
-
-
-def _kronecker_map(problem: Problem, batch_noise: float):
-    """eta -> the p^2 x p^2 second-moment operator of delta, restricted to range(H) x range(H)."""
-    jacobian = _jacobian(problem)
-    n, outputs, p = problem.num_samples, problem.num_outputs, problem.num_params
-    blocks = [jacobian[i * outputs : (i + 1) * outputs] for i in range(n)]
-    per_sample = [block.T @ block for block in blocks]
-    curvature = sum(per_sample) / n
-    values, vectors = torch.linalg.eigh(curvature)
-    kept = vectors[:, values > 1e-10 * values[-1]]
-    projector = torch.kron(kept @ kept.T, kept @ kept.T)
-    identity = torch.eye(p, dtype=torch.float64)
-    drift = torch.kron(curvature, identity) + torch.kron(identity, curvature)
-    noise = batch_noise / n * sum(torch.kron(h, h) for h in per_sample)
-    noise = noise + (1 - batch_noise) * torch.kron(curvature, curvature)
-    return lambda lr: (
-        projector @ (torch.eye(p * p, dtype=torch.float64) - lr * drift + lr**2 * noise) @ projector
-    )
-
-
-def _spectral_radius(matrix: torch.Tensor) -> float:
-    return torch.linalg.eigvalsh(matrix).abs().max().item()
-
-
-def _root_threshold(kronecker, upper: float) -> float:
-    """The learning rate where the spectral radius of the Kronecker operator crosses 1."""
-    return _largest_crossing(lambda lr: _spectral_radius(kronecker(lr)) - 1, upper)
-
-
-def _dense_worst_case_alignment(jacobian: torch.Tensor, n: int, outputs: int) -> float:
-    """mu_min of SPEC.md section 2 from its definition: lambda_min of n blockdiag_i (K^2)_ii - K^2
-    on range(K), over ||K||_F^2."""
-    gram = jacobian @ jacobian.T
-    squared = gram @ gram
-    block_diagonal = torch.block_diag(
-        *[squared[i * outputs : (i + 1) * outputs, i * outputs : (i + 1) * outputs] for i in range(n)]
-    )
-    values, vectors = torch.linalg.eigh(gram)
-    basis = vectors[:, values > 1e-10 * values[-1]]
-    restricted = basis.T @ (n * block_diagonal - squared) @ basis
-    return torch.linalg.eigvalsh(restricted)[0].item() / gram.pow(2).sum().item()
-
-
-def _largest_crossing(excess, upper: float) -> float:
-    """The largest lr in (0, upper] where ``excess`` changes sign from negative to non-negative."""
-    lower = upper / 2
-    while excess(lower) >= 0:
-        upper, lower = lower, lower / 2
-    return scipy.optimize.brentq(excess, lower, upper, xtol=1e-15, rtol=1e-13)
-
-
 def test_batch_noise_factor():
     assert batch_noise_factor(10, 4, "with_replacement") == pytest.approx(0.25)
     assert batch_noise_factor(10, 4, "without_replacement") == pytest.approx(6 / 36)
@@ -106,8 +68,7 @@ def test_batch_noise_factor():
 def test_second_moment_map_equals_expectation_over_every_batch(sampling, num_outputs):
     n, batch, lr = 4, 2, 0.3
     problem = _minimum(0, n, num_outputs, hidden=4)  # p = 12 + 5C > nC: K is full rank
-    jacobian = _jacobian(problem)
-    gram = jacobian @ jacobian.T
+    gram = dense_gram(problem)
     torch.manual_seed(1)
     factor = torch.randn(n * num_outputs, n * num_outputs, dtype=torch.float64)
     moment = factor @ factor.T
@@ -124,30 +85,36 @@ def test_second_moment_map_equals_expectation_over_every_batch(sampling, num_out
         step = torch.eye(n * num_outputs, dtype=torch.float64) - lr * gram * selection[None, :]
         expected += step @ moment @ step.T / len(batches)
     second_moment = SecondMomentMap(gram_spectrum(gram, num_outputs), batch_noise_factor(n, batch, sampling))
-    torch.testing.assert_close(second_moment.sample_space_step(moment, lr), expected, rtol=1e-10, atol=1e-10)
+    assert_matches(second_moment.sample_space_step(moment, lr), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("solver", ["dense", "lanczos"])
 @pytest.mark.parametrize("sampling,batch", [("with_replacement", 2), ("without_replacement", 3)])
 @pytest.mark.parametrize("num_outputs,n", [(1, 9), (2, 6)])
 def test_threshold_and_growth_equal_the_parameter_space_kronecker_operator(
-    monkeypatch, solver, sampling, batch, num_outputs, n
+    solver, sampling, batch, num_outputs, n
 ):
-    monkeypatch.setattr(stability_module, "_DENSE_EIGEN_MAX_DIM", 10**6 if solver == "dense" else 0)
-    problem = _minimum(
-        2, n, num_outputs, hidden=5 - 2 * num_outputs
-    )  # p = 13 (C=1) or 12 (C=2): p^2 x p^2 stays small
-    result = stability(problem, lr=0.1, batch_size=batch, sampling=sampling)
-    kronecker = _kronecker_map(problem, batch_noise_factor(n, batch, sampling))
-    expected = _root_threshold(kronecker, 2 * result.thresholds["gd"])
-    assert result.thresholds["exact"] == pytest.approx(expected, rel=1e-9)
-    assert result.growth_factor == pytest.approx(_spectral_radius(kronecker(0.1)), rel=1e-10)
+    # p = 13 (C=1) or 12 (C=2): p^2 x p^2 stays small.
+    problem = _minimum(2, n, num_outputs, hidden=5 - 2 * num_outputs)
+    batch_noise = batch_noise_factor(n, batch, sampling)
     second_moment = SecondMomentMap(
-        gram_spectrum(_jacobian(problem) @ _jacobian(problem).T, num_outputs), result.batch_noise
+        gram_spectrum(dense_gram(problem), num_outputs), batch_noise, solver=solver
     )
+    kronecker = kronecker_second_moment(problem, batch_noise)
+    expected = kronecker_threshold(problem, batch_noise)
+    assert_matches(second_moment.threshold(), expected, rtol=1e-9)
     for fraction in (0.2, 0.9, 1.1, 3.0):
         lr = fraction * expected
-        assert second_moment.spectral_radius(lr) == pytest.approx(_spectral_radius(kronecker(lr)), rel=1e-10)
+        assert_matches(second_moment.spectral_radius(lr), spectral_radius(kronecker(lr)), rtol=1e-10)
+    result = stability(problem, lr=0.1, batch_size=batch, sampling=sampling)
+    assert_matches(result.thresholds["exact"], expected, rtol=1e-9)
+    assert_matches(result.growth_factor, spectral_radius(kronecker(0.1)), rtol=1e-10)
+
+
+def test_an_unknown_eigen_solver_is_refused():
+    spectrum = gram_spectrum(dense_gram(_minimum(2, 5, 1)), 1)
+    with pytest.raises(InputError, match="solver must be one of"):
+        SecondMomentMap(spectrum, 0.5, solver="arpack")
 
 
 def test_growth_crosses_one_at_the_threshold_and_linearised_sgd_follows():
@@ -165,9 +132,9 @@ def test_growth_crosses_one_at_the_threshold_and_linearised_sgd_follows():
     assert decaying.loss_mean[-1] + 4 * decaying.loss_stderr[-1] < decaying.loss_mean[0]
     assert growing.loss_mean[-1] - 4 * growing.loss_stderr[-1] > growing.loss_mean[0]
 
-    # The chain averages follow tr(T^t(N_0)) / (2n) with N_0 = E[u_0 u_0^T] = K.
-    jacobian = _jacobian(problem)
-    gram = jacobian @ jacobian.T
+    # The chain averages follow tr(T^t(N_0)) / (2n) with N_0 = E[u_0 u_0^T] = K. SecondMomentMap is
+    # the truth here because it is checked against every batch enumerated above.
+    gram = dense_gram(problem)
     second_moment = SecondMomentMap(gram_spectrum(gram, 1), 0.5)
     for simulation in (decaying, growing):
         moment = gram
@@ -179,31 +146,75 @@ def test_growth_crosses_one_at_the_threshold_and_linearised_sgd_follows():
             )
 
 
+@pytest.fixture(scope="module")
+def random_minima_results():
+    """stability() on a few random interpolating minima, for both samplings."""
+    cases = [(10, 1, 1), (10, 1, 3), (6, 2, 2), (8, 3, 4), (12, 1, 6)]
+    return {
+        sampling: [
+            stability(_minimum(seed, n, outputs, hidden=5), lr=0.01, batch_size=batch, sampling=sampling)
+            for seed, (n, outputs, batch) in enumerate(cases)
+        ]
+        for sampling in SAMPLINGS
+    }
+
+
+def test_the_registry_describes_every_threshold(random_minima_results):
+    assert CRITERIA == tuple(STABILITY_CRITERIA) and criteria_of_kind("exact") == ("exact",)
+    for name, criterion in STABILITY_CRITERIA.items():
+        assert criterion.name == name and criterion.kind in KINDS and criterion.citation
+    for results in random_minima_results.values():
+        assert all(tuple(result.thresholds) == CRITERIA for result in results)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        criteria_of_kind("optional")
+
+
 @pytest.mark.parametrize("sampling", SAMPLINGS)
-def test_thresholds_are_ordered_on_random_minima(sampling):
-    for seed, (n, outputs, batch) in enumerate([(10, 1, 1), (10, 1, 3), (6, 2, 2), (8, 3, 4), (12, 1, 6)]):
-        result = stability(_minimum(seed, n, outputs, hidden=5), lr=0.01, batch_size=batch, sampling=sampling)
+@pytest.mark.parametrize("name", criteria_of_kind("necessary"))
+def test_the_exact_threshold_lies_below_every_necessary_criterion(random_minima_results, sampling, name):
+    for result in random_minima_results[sampling]:
+        assert result.thresholds["exact"] <= result.thresholds[name] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("name", criteria_of_kind("sufficient"))
+def test_every_sufficient_criterion_lies_below_the_exact_threshold(random_minima_results, sampling, name):
+    for result in random_minima_results[sampling]:
+        assert result.thresholds[name] <= result.thresholds["exact"] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_mulayoff24_refines_15_which_refines_gd(random_minima_results, sampling):
+    for result in random_minima_results[sampling]:
         thresholds = result.thresholds
-        assert set(thresholds) == set(CRITERIA)
-        necessary = min(
-            thresholds[name] for name in ("gd", "mulayoff15", "mulayoff16", "mulayoff24", "frobenius")
-        )
-        assert thresholds["wme"] <= thresholds["exact"] * (1 + 1e-9)
-        assert thresholds["exact"] <= necessary * (1 + 1e-9)
         assert thresholds["mulayoff24"] <= thresholds["mulayoff15"] * (1 + 1e-9)
         assert thresholds["mulayoff15"] <= thresholds["gd"] * (1 + 1e-9)
+
+
+def test_frobenius_bound_criterion_and_escape_factor_are_one_inequality_read_three_ways():
+    # Wu, Wang & Su (2022): eta^2 p_B mu ||H||_F^2 = 1 on the edge, read as a bound on ||H||_F
+    # (the paper's sqrt(B/mu)/eta with replacement) or on eta.
+    lr, batch, mu, frobenius = 0.05, 8, 0.7, 12.0
+    assert frobenius_bound(lr, 1 / batch, mu) == pytest.approx(math.sqrt(batch / mu) / lr, rel=1e-14)
+    edge = frobenius_criterion(frobenius, 1 / batch, mu)
+    assert escape_factor(edge, frobenius, 1 / batch, mu) == pytest.approx(1.0, rel=1e-14)
+    assert frobenius_bound(edge, 1 / batch, mu) == pytest.approx(frobenius, rel=1e-14)
+    assert escape_learning_rate(4.0, frobenius, 1 / batch, mu) == pytest.approx(2 * edge, rel=1e-14)
+    assert frobenius_bound(lr, 0.0, mu) == frobenius_criterion(frobenius, 1 / batch, 0.0) == math.inf
+    assert gd_threshold(4.0) == 0.5 and trace_threshold(10.0, 0.25) == 0.8
+    assert trace_threshold(10.0, 0.0) == math.inf
 
 
 def test_escape_factor_bounds_the_one_step_growth_of_the_linearised_loss():
     problem = _minimum(4, 10, 2, hidden=6)
     lr, batch = 5.0, 2
     result = stability(problem, lr=lr, batch_size=batch)
-    jacobian = _jacobian(problem)
-    curvature_frobenius = torch.linalg.matrix_norm(jacobian.T @ jacobian / 10).item()
-    expected = lr**2 * (1 / batch) * _dense_worst_case_alignment(jacobian, 10, 2) * curvature_frobenius**2
-    assert result.escape_factor == pytest.approx(expected, rel=1e-9)
-    assert result.log_escape_rate == pytest.approx(math.log(expected), rel=1e-9)
-    gram = jacobian @ jacobian.T
+    curvature_frobenius = torch.linalg.matrix_norm(dense_gauss_newton(problem)).item()
+    expected = lr**2 * (1 / batch) * dense_worst_case_alignment(problem) * curvature_frobenius**2
+    assert_matches(result.escape_factor, expected, rtol=1e-9)
+    assert_matches(result.log_escape_rate, math.log(expected), rtol=1e-9)
+    # SecondMomentMap is checked against every batch enumerated above: here it is the truth for T.
+    gram = dense_gram(problem)
     second_moment = SecondMomentMap(gram_spectrum(gram, 2), result.batch_noise)
     torch.manual_seed(5)
     for _ in range(20):
@@ -215,8 +226,7 @@ def test_escape_factor_bounds_the_one_step_growth_of_the_linearised_loss():
 def test_ingredients_match_dense_curvature():
     problem = _minimum(5, 7, 2, hidden=4)
     result = stability(problem, lr=0.2, batch_size=3, sampling="without_replacement")
-    jacobian = _jacobian(problem)
-    curvature = jacobian.T @ jacobian / 7
+    curvature = dense_gauss_newton(problem)
     eigenvalues = torch.linalg.eigvalsh(curvature)
     assert result.lambda_max == pytest.approx(eigenvalues[-1].item(), rel=1e-10)
     assert result.trace == pytest.approx(eigenvalues.sum().item(), rel=1e-10)
@@ -226,7 +236,7 @@ def test_ingredients_match_dense_curvature():
     noise, n = 4 / 18, 7
     assert result.thresholds["trace"] == pytest.approx(2 / (noise * eigenvalues.sum().item()), rel=1e-10)
     # Mulayoff & Michaeli (2023) (15), (16) and Wu, Ma & E (2018) from dense per-sample H_i = J_i^T J_i.
-    per_sample = [jacobian[2 * i : 2 * i + 2].T @ jacobian[2 * i : 2 * i + 2] for i in range(n)]
+    per_sample = per_sample_curvatures(problem)
     frobenius_squared = curvature.pow(2).sum().item()
     mulayoff16 = (
         2
@@ -240,7 +250,7 @@ def test_ingredients_match_dense_curvature():
     assert result.thresholds["mulayoff15"] == pytest.approx(
         2 * sharpness / (sharpness**2 + noise / n * spread), rel=1e-9
     )
-    mu_min = _dense_worst_case_alignment(jacobian, n, 2)
+    mu_min = dense_worst_case_alignment(problem)
     assert result.thresholds["frobenius"] == pytest.approx(
         1 / (frobenius_squared**0.5 * (noise * mu_min) ** 0.5), rel=1e-9
     )
@@ -254,7 +264,7 @@ def test_ingredients_match_dense_curvature():
         return torch.linalg.eigvalsh(basis.T @ step @ basis)[-1].item() - 1
 
     assert result.thresholds["wme"] == pytest.approx(
-        _largest_crossing(one_step_excess, 2 / sharpness), rel=1e-8
+        largest_crossing(one_step_excess, 2 / sharpness), rel=1e-8
     )
     assert (result.rank, result.loss, result.gradient_norm, result.warnings) == (14, 0.0, 0.0, ())
 
@@ -270,7 +280,8 @@ def test_full_batch_without_replacement_is_gradient_descent():
 
 def test_stability_warns_away_from_a_minimum():
     problem = _minimum(7, 8, 1)
-    shifted = Problem(problem.model, problem._inputs, problem._targets + 1.0)
+    inputs, targets = all_data(problem)
+    shifted = Problem(problem.model, inputs, targets + 1.0)
     with pytest.warns(UserWarning, match="not a minimum"):
         result = stability(shifted, lr=0.1, batch_size=2)
     assert len(result.warnings) == 1 and "not a minimum" in result.warnings[0]
@@ -337,3 +348,40 @@ def test_simulation_is_reproducible_and_takes_a_given_start():
         simulate_linearized_sgd(problem, 0.5, 2, num_steps=3, num_chains=10, init=torch.ones(5))
     with pytest.raises(ValueError, match='init must be "gaussian"'):
         simulate_linearized_sgd(problem, 0.5, 2, num_steps=3, num_chains=10, init="uniform")
+
+
+def _with_data(problem: Problem, inputs: torch.Tensor, targets: torch.Tensor) -> Problem:
+    return Problem(problem.model, inputs, targets)
+
+
+def test_nan_targets_get_no_verdict():
+    # Reliability review #76: a NaN target gave growth_factor 125.2, stable False, loss nan.
+    problem = _minimum(11, 8, 1)
+    inputs, targets = all_data(problem)
+    targets[7] = math.nan
+    corrupted = _with_data(problem, inputs, targets)
+    with pytest.raises(DataError, match="targets hold NaN or inf.*sample 7"):
+        stability(corrupted, lr=0.1, batch_size=4)
+    with pytest.raises(DataError, match="targets"):
+        simulate_linearized_sgd(corrupted, 0.1, 4, num_steps=2, num_chains=4)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_inputs_are_named_not_diagnosed_as_a_zero_ntk(value):
+    # Reliability review #75: NaN/inf inputs were reported as "K = J J^T is zero".
+    problem = _minimum(12, 6, 1)
+    inputs, targets = all_data(problem)
+    inputs[2, 1] = value
+    with pytest.raises(DataError, match="inputs hold NaN or inf.*sample 2"):
+        stability(_with_data(problem, inputs, targets), lr=0.1, batch_size=2)
+
+
+def test_diverged_weights_are_named_not_diagnosed_as_a_zero_ntk():
+    # Reliability review #46: the NaN weights of a diverged run gave "K = J J^T is zero".
+    problem = _minimum(13, 6, 1)
+    with torch.no_grad():
+        problem.model[0].weight[0, 0] = math.nan
+    with pytest.raises(DataError, match="1 of the 13 parameters are NaN or inf: the weights diverged"):
+        stability(problem, lr=0.1, batch_size=2)
+    with pytest.raises(DataError, match="parameters are NaN"):
+        simulate_linearized_sgd(problem, 0.1, 2, num_steps=2, num_chains=4)

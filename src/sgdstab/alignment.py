@@ -37,16 +37,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sgdstab.errors import InputError
 from sgdstab.operators import hessian as hessian_operator
 from sgdstab.operators import noise_covariance, ntk
 from sgdstab.problem import Problem
 from sgdstab.sample_space import (
     DEFAULT_MAX_GRAM_ENTRIES,
     DEFAULT_MAX_JACOBIAN_ENTRIES,
-    GramSpectrum,
-    block_congruence,
     gram_matrix,
     gram_spectrum,
+    worst_case_alignment,
 )
 
 METHODS = ("exact", "stochastic")
@@ -114,6 +114,9 @@ def alignment(
             range(K) as ``sample_space.gram_spectrum`` cuts it with ``rank_rtol``.
         max_jacobian_entries: above this J is not stored and K is built panel by panel.
 
+    Non-finite inputs, targets, parameters or outputs raise ``DataError`` before anything is
+    computed (``Problem.check_finite``).
+
     The stochastic standard error is the delta method for a ratio of independent probe means:
     mu = n (A + a) / (||e||^2 (B + b)) with A, B the exactly deflated parts and a, b the means of
     the numerator and F probes, so stderr^2 = (n / (||e||^2 (B + b)))^2 var(a) / m
@@ -122,12 +125,13 @@ def alignment(
     """
     problem.require_square_loss("the alignment factor")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if method == "stochastic" and num_probes < 2:
-        raise ValueError(f"num_probes must be at least 2 to estimate a standard error, got {num_probes}")
+        raise InputError(f"num_probes must be at least 2 to estimate a standard error, got {num_probes}")
     if sketch_size < 0:
-        raise ValueError(f"sketch_size must be a non-negative number of directions, got {sketch_size}")
+        raise InputError(f"sketch_size must be a non-negative number of directions, got {sketch_size}")
     theta = (problem.parameters() if theta is None else theta).detach()
+    problem.check_finite(theta)
     if hessian is None:
         hessian = method == "exact" and problem.num_params <= DENSE_HESSIAN_MAX_PARAMS
     residuals = problem.residuals(theta).reshape(-1).to(torch.float64)
@@ -183,22 +187,6 @@ def _exact(
         method="exact",
         num_probes=None,
     )
-
-
-def worst_case_alignment(spectrum: GramSpectrum) -> float:
-    """mu_min = lambda_min(n bdiag_i (K^2)_ii - K^2 on range(K)) / ||K||_F^2 (SPEC.md section 2).
-
-    In K's eigenbasis V (range only), V^T K^2 V = diag(w^2), so the restricted matrix is
-    n V^T bdiag((K^2)_ii) V - diag(w^2), an r x r eigenproblem. It is PSD by Cauchy-Schwarz
-    (||sum_i K_{:,i} u_i||^2 <= n sum_i ||K_{:,i} u_i||^2), so mu_min >= 0.
-    """
-    gram, values, vectors = spectrum.gram, spectrum.values, spectrum.vectors
-    n, outputs = spectrum.num_samples, spectrum.num_outputs
-    rows = gram.reshape(n, outputs, -1)
-    square_blocks = torch.bmm(rows, rows.transpose(1, 2))  # (K^2)_ii = K[i, :] K[:, i]
-    restricted = n * block_congruence(vectors, square_blocks) - torch.diag(values**2)
-    lowest = torch.linalg.eigvalsh((restricted + restricted.T) / 2)[0].item()
-    return lowest / values.pow(2).sum().item()
 
 
 def _dense_hessian_alignment(problem: Problem, theta: Tensor, residual_sq: float) -> float:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sgdstab.errors import InputError
+from sgdstab.errors import DataError, InputError
 
 LOSSES = ("mse", "cross_entropy")
 _MODE_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
@@ -280,6 +280,50 @@ class Problem:
     def sample_function(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """X -> f(x; theta) flattened to C outputs, for torch.func transforms over one sample."""
         return lambda x: self.forward(theta, x.unsqueeze(0)).reshape(-1)
+
+    def check_finite(self, theta: Tensor | None = None) -> None:
+        """Raise ``DataError`` naming what is not finite: parameters, inputs, targets or outputs.
+
+        One pass over the data, without gradients.
+
+        Every measurement calls this before it computes a spectrum, so NaN or inf data never gets
+        a number or a verdict, and a diverged run is not misread as, say, a zero NTK.
+        """
+        theta = self.parameters() if theta is None else theta
+        bad = (~torch.isfinite(theta)).sum().item()
+        if bad:
+            raise DataError(
+                f"{bad} of the {self.num_params} parameters are NaN or inf: the weights diverged "
+                "(a run that diverged has no minimum to measure); use a checkpoint from before the divergence"
+            )
+        frozen = [
+            name
+            for name, value in self._frozen.items()
+            if value.is_floating_point() and not value.isfinite().all()
+        ]
+        if frozen:
+            raise DataError(f"the model's fixed parameters or buffers {frozen[:3]} hold NaN or inf")
+        start = 0
+        for x, y in self.chunks():
+            for what, values in (("inputs", x), ("targets", y)):
+                if values.is_floating_point():
+                    finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+                    if not finite.all():
+                        sample = start + int((~finite).nonzero()[0])
+                        raise DataError(
+                            f"the {what} hold NaN or inf ({int((~finite).sum())} samples of this chunk, "
+                            f"the first is sample {sample}); remove or repair those samples"
+                        )
+            with torch.no_grad():
+                outputs = self.forward(theta, x)
+            finite = torch.isfinite(outputs.reshape(len(outputs), -1)).all(dim=1)
+            if not finite.all():
+                sample = start + int((~finite).nonzero()[0])
+                raise DataError(
+                    f"the model's outputs are NaN or inf (first at sample {sample}) although its inputs and "
+                    "parameters are finite: the model overflows at these parameters"
+                )
+            start += len(x)
 
     def __repr__(self) -> str:
         return (

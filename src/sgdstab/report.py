@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sgdstab.io import atomic_write, read_json
+from sgdstab.stability import STABILITY_CRITERIA, criteria_of_kind
 
 FIGURES_DIR = "figures"
 ORDER = ("E1", "E2", "E3", "E4", "E5")
@@ -206,18 +207,9 @@ def _plot_e4(analysis: dict, fig: Figure) -> None:
 
 def _plot_e5(analysis: dict, fig: Figure) -> None:
     axis = fig.subplots()
-    criteria = (
-        "exact",
-        "empirical",
-        "gd",
-        "frobenius",
-        "trace",
-        "mulayoff15",
-        "mulayoff16",
-        "mulayoff24",
-        "wme",
-    )
-    markers = dict(zip(criteria, ("D", "*", "o", "s", "^", "v", "<", ">", "x")))
+    # Every criterion of the registry, with the empirical threshold beside the exact one.
+    criteria = ("exact", "empirical", *(name for name in STABILITY_CRITERIA if name != "exact"))
+    markers = dict(zip(criteria, "D*os^v<>xph+", strict=False))
     cases = [f"{r['minimum']} minimum, B={r['batch_size']}" for r in analysis["rows"]]
     for index, row in enumerate(analysis["rows"]):
         for name in criteria:
@@ -235,7 +227,7 @@ def _plot_e5(analysis: dict, fig: Figure) -> None:
         yticks=range(len(cases)),
         yticklabels=cases,
         xlabel="largest stable learning rate",
-        title="thresholds per criterion (necessary ones should lie right of exact; wme left)",
+        title=f"thresholds per criterion (necessary ones should lie right of exact; {', '.join(criteria_of_kind('sufficient'))} left)",
     )
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
 
@@ -304,13 +296,7 @@ COLUMNS = {
         ("B", "batch_size"),
         ("exact", "exact"),
         ("empirical", "empirical"),
-        ("gd", "gd"),
-        ("frobenius", "frobenius"),
-        ("trace", "trace"),
-        ("(15)", "mulayoff15"),
-        ("(16)", "mulayoff16"),
-        ("(24)", "mulayoff24"),
-        ("wme", "wme"),
+        *((criterion.label, name) for name, criterion in STABILITY_CRITERIA.items() if name != "exact"),
         ("mu_min", "mu_min"),
     ],
 }

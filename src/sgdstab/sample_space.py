@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sgdstab.errors import ResourceLimitError
+from sgdstab.errors import DataError, ResourceLimitError
 from sgdstab.problem import Problem
 
 #: Entries of J held in memory at once (2**27 float32 = 512 MiB).
@@ -153,5 +153,21 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     values, vectors = torch.linalg.eigh(gram64)
     keep = values > rtol * torch.linalg.matrix_norm(gram64).item()
     if not bool(keep.any()):
-        raise ValueError("K = J J^T is zero at these parameters: the model's outputs do not depend on theta")
+        raise DataError("K = J J^T is zero at these parameters: the model's outputs do not depend on theta")
     return GramSpectrum(gram64, values[keep], vectors[:, keep], size // num_outputs, num_outputs)
+
+
+def worst_case_alignment(spectrum: GramSpectrum) -> float:
+    """mu_min = lambda_min(n bdiag_i (K^2)_ii - K^2 on range(K)) / ||K||_F^2 (SPEC.md section 2).
+
+    In K's eigenbasis V (range only), V^T K^2 V = diag(w^2), so the restricted matrix is
+    n V^T bdiag((K^2)_ii) V - diag(w^2), an r x r eigenproblem. It is PSD by Cauchy-Schwarz
+    (||sum_i K_{:,i} u_i||^2 <= n sum_i ||K_{:,i} u_i||^2), so mu_min >= 0.
+    """
+    gram, values, vectors = spectrum.gram, spectrum.values, spectrum.vectors
+    n, outputs = spectrum.num_samples, spectrum.num_outputs
+    rows = gram.reshape(n, outputs, -1)
+    square_blocks = torch.bmm(rows, rows.transpose(1, 2))  # (K^2)_ii = K[i, :] K[:, i]
+    restricted = n * block_congruence(vectors, square_blocks) - torch.diag(values**2)
+    lowest = torch.linalg.eigvalsh((restricted + restricted.T) / 2)[0].item()
+    return lowest / values.pow(2).sum().item()

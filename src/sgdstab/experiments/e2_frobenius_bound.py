@@ -38,7 +38,7 @@ from sgdstab.experiments.runs import (
     spec_config,
     train_and_measure,
 )
-from sgdstab.stability import batch_noise_factor
+from sgdstab.stability import batch_noise_factor, frobenius_bound
 
 NAME = "E2"
 TITLE = "Frobenius bound over a grid of (eta, B)"
@@ -79,11 +79,6 @@ def default_config(scale: str) -> Config:
         device="cuda",
     )
     return preset(scale, quick, full)
-
-
-def frobenius_bound(lr: float, batch_noise: float, mu: float) -> float:
-    """1 / (eta sqrt(p_B mu)): the largest ||H||_F of a minimum linearly stable for SGD (Wu, Wang & Su 2022)."""
-    return math.inf if batch_noise * mu <= 0 else 1 / (lr * math.sqrt(batch_noise * mu))
 
 
 def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:

@@ -22,7 +22,6 @@ from sgdstab.experiments.config import (
     quick_data,
     to_dict,
 )
-from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
@@ -34,7 +33,7 @@ from sgdstab.experiments.runs import (
     spec_config,
     train_and_measure,
 )
-from sgdstab.stability import batch_noise_factor
+from sgdstab.stability import batch_noise_factor, frobenius_bound
 
 NAME = "E3"
 TITLE = "Size independence: SGD against GD over width and n"

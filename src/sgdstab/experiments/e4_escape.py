@@ -29,7 +29,6 @@ from sgdstab.experiments.config import (
     quick_data,
     to_dict,
 )
-from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
@@ -43,7 +42,13 @@ from sgdstab.experiments.runs import (
     spec_config,
 )
 from sgdstab.io import atomic_write
-from sgdstab.stability import batch_noise_factor, simulate_linearized_sgd
+from sgdstab.stability import (
+    batch_noise_factor,
+    escape_factor,
+    escape_learning_rate,
+    frobenius_bound,
+    simulate_linearized_sgd,
+)
 from sgdstab.summary import curvature_summary
 from sgdstab.training import CHECKPOINT_FILE
 
@@ -169,8 +174,8 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
     curvature = curvature_summary(problem, **config.measure.kwargs())
     noise = batch_noise_factor(problem.num_samples, config.batch_size, config.sampling)
     # eta with eta^2 p_B mu ||H||_F^2 = escape_factor, from the exact ||G||_F (= ||H||_F at an interpolating minimum).
-    sgd_lr = config.sgd_lr or math.sqrt(
-        config.escape_factor / (noise * curvature.mu * curvature.gn_frobenius**2)
+    sgd_lr = config.sgd_lr or escape_learning_rate(
+        config.escape_factor, curvature.gn_frobenius, noise, curvature.mu
     )
     linear = quiet_stability(problem, lr=sgd_lr, batch_size=config.batch_size, sampling=config.sampling)
     # Linearised SGD from the minimum's own residual: the dynamics the rates above describe.
@@ -190,7 +195,7 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
         "sgd_lr": sgd_lr,
         "batch_noise": noise,
         "linearized_loss": simulated.loss_mean.tolist(),
-        "predicted_rate": math.log(sgd_lr**2 * noise * curvature.mu * linear.hessian_frobenius**2),
+        "predicted_rate": math.log(escape_factor(sgd_lr, linear.hessian_frobenius, noise, curvature.mu)),
         "rigorous_rate": linear.log_escape_rate,
         "exact_rate": math.log(linear.growth_factor),
         "growth_factor": linear.growth_factor,

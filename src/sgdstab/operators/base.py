@@ -6,12 +6,17 @@ vector of shape ``(d,)`` or a matrix of columns of shape ``(d, k)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
 from sgdstab.errors import ResourceLimitError
+
+if TYPE_CHECKING:
+    from sgdstab.problem import Problem
 
 #: Largest number of entries ``to_dense`` builds unless told otherwise (2**26 float64 = 512 MiB).
 DEFAULT_MAX_DENSE_ENTRIES = 2**26
@@ -28,6 +33,10 @@ class LinearOperator:
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
+    #: The Problem (and point) an operator is built on; its first product checks them for NaN/inf
+    #: (``Problem.check_finite``), so non-finite data fails with its name, not in an eigensolver.
+    problem: Problem | None = None
+    theta: Tensor
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.shape = (int(size), int(size))
@@ -47,6 +56,8 @@ class LinearOperator:
                 f"{self.shape[1]} or a matrix with {self.shape[1]} rows, got shape {tuple(v.shape)}"
             )
         columns = v.reshape(v.shape[0], -1).to(device=self.device, dtype=self.dtype)
+        if self.num_matvecs == 0 and self.problem is not None:
+            self.problem.check_finite(self.theta)
         self.num_matvecs += columns.shape[1]
         result = self._matmat(columns)
         return result.reshape(-1) if v.ndim == 1 else result
