@@ -98,7 +98,7 @@ def _warm_up() -> None:
 
 def _kronecker_threshold(problem, batch_noise: float) -> float:
     """eta* from the p^2 x p^2 parameter-space second-moment operator (Ma & Ying 2021), by root finding."""
-    inputs = problem._inputs
+    inputs = problem.inputs
     jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(problem.parameters())
     n, p = problem.num_samples, problem.num_params
     per_sample = [torch.outer(row, row) for row in jacobian]

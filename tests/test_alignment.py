@@ -20,7 +20,7 @@ def _mlp_problem(num_outputs: int, n: int = 12, seed: int = 0, chunk_size: int =
 
 def _dense_quantities(problem: Problem):
     """J, per-sample gradients, Sigma, G, H and L built directly in parameter space by torch.func."""
-    inputs, targets = problem._inputs, problem._targets
+    inputs, targets = problem.inputs, problem.targets
     theta = problem.parameters()
     n, outputs = problem.num_samples, problem.num_outputs
     jacobian = torch.func.jacrev(lambda t: problem.forward(t, inputs).reshape(-1))(theta)
@@ -148,10 +148,10 @@ def test_a_sketch_spanning_sample_space_makes_the_stochastic_path_exact():
 def test_alignment_does_not_depend_on_the_scale_of_the_residuals():
     problem = _mlp_problem(3)
     outputs = problem.outputs()
-    direction = outputs - problem._targets
+    direction = outputs - problem.targets
     values = []
     for scale in (1e-3, 1.0, 1e3):
-        scaled = Problem(problem.model, problem._inputs, outputs - scale * direction)
+        scaled = problem.with_targets(outputs - scale * direction)
         values.append(alignment(scaled, hessian=False).mu)
     assert values == pytest.approx([values[1]] * 3, rel=1e-9)
 
@@ -243,7 +243,7 @@ def test_alignment_refuses_bad_arguments_and_oversized_k():
 
 def test_alignment_is_nan_with_zero_residuals_but_the_worst_case_stands():
     problem = _mlp_problem(1)
-    interpolating = Problem(problem.model, problem._inputs, problem.outputs(), chunk_size=problem.chunk_size)
+    interpolating = problem.with_targets(problem.outputs())
     result = alignment(interpolating, hessian=False)
     assert math.isnan(result.mu) and result.loss == 0
     assert result.mu_min > 0

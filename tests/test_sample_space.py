@@ -26,7 +26,7 @@ def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_ent
     # p = 16 + 5C. Stored J; then two panels of budget // (2 C p) samples recomputed per pass:
     # 3 samples for C=1 (panels straddle the chunks of 4), 2 samples, and the floor of one sample.
     problem = _mlp_problem(num_outputs)
-    jacobian = _dense_jacobian(problem, problem._inputs)
+    jacobian = _dense_jacobian(problem, problem.inputs)
     gram = gram_matrix(problem, max_jacobian_entries=max_jacobian_entries)
     torch.testing.assert_close(gram, jacobian @ jacobian.T, rtol=1e-12, atol=1e-12)
 
@@ -34,7 +34,7 @@ def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_ent
 def test_gram_matrix_from_loader_matches_tensors():
     problem = _mlp_problem(2)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(problem._inputs, problem._targets), batch_size=4, shuffle=False
+        torch.utils.data.TensorDataset(problem.inputs, problem.targets), batch_size=4, shuffle=False
     )
     from_loader = Problem.from_loader(problem.model, loader)
     torch.testing.assert_close(gram_matrix(from_loader, max_jacobian_entries=50), gram_matrix(problem))

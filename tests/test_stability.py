@@ -40,7 +40,7 @@ def _minimum(seed: int, n: int, num_outputs: int, hidden: int = 3, inputs_dim: i
 
 
 def _jacobian(problem: Problem) -> torch.Tensor:
-    return torch.func.jacrev(lambda t: problem.forward(t, problem._inputs).reshape(-1))(problem.parameters())
+    return torch.func.jacrev(lambda t: problem.forward(t, problem.inputs).reshape(-1))(problem.parameters())
 
 
 def _kronecker_map(problem: Problem, batch_noise: float):
@@ -270,7 +270,7 @@ def test_full_batch_without_replacement_is_gradient_descent():
 
 def test_stability_warns_away_from_a_minimum():
     problem = _minimum(7, 8, 1)
-    shifted = Problem(problem.model, problem._inputs, problem._targets + 1.0)
+    shifted = problem.with_targets(problem.targets + 1.0)
     with pytest.warns(UserWarning, match="not a minimum"):
         result = stability(shifted, lr=0.1, batch_size=2)
     assert len(result.warnings) == 1 and "not a minimum" in result.warnings[0]

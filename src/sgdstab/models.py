@@ -35,8 +35,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from sgdstab._checks import check_positive_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -127,7 +130,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    """Tuples become lists, so a config equals its own JSON round trip."""
+    """Tuples become lists and numpy scalars Python numbers, so a config equals its own JSON round trip."""
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -136,12 +141,6 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- checks
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _activation(name: str) -> type[nn.Module]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -151,7 +150,7 @@ def _activation(name: str) -> type[nn.Module]:
 def _flat_size(input_shape: int | Sequence[int]) -> int:
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
     for size in shape:
-        _positive_int("every entry of input_shape", size)
+        check_positive_int("every entry of input_shape", size)
     return math.prod(shape)
 
 
@@ -161,7 +160,7 @@ def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
             f"a CNN needs input_shape = (channels, height, width), e.g. (3, 32, 32); got {input_shape!r}"
         )
     for size in input_shape:
-        _positive_int("every entry of input_shape", size)
+        check_positive_int("every entry of input_shape", size)
     return tuple(input_shape)
 
 
@@ -172,7 +171,7 @@ def _stages(
     if not stages:
         raise ValueError(f"depth needs at least one stage of {what}")
     for count in stages:
-        _positive_int(f"{what} per stage", count)
+        check_positive_int(f"{what} per stage", count)
     return stages
 
 
@@ -223,9 +222,9 @@ class FullyConnected(nn.Module):
     ):
         super().__init__()
         in_features = _flat_size(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("depth", depth)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("depth", depth)
+        check_positive_int("width", width)
         sizes = [in_features] + [width] * (depth - 1) + [num_outputs]
         layers: list[nn.Module] = [nn.Flatten()]
         for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -314,8 +313,8 @@ class RandomFeatures(nn.Module):
     ):
         super().__init__()
         self.in_features = _flat_size(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("num_features", num_features)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("num_features", num_features)
         self.activation = _activation(activation)()
         self.activation_name = activation
         self.centered = centered
@@ -391,8 +390,8 @@ class VGG(nn.Module):
     ):
         super().__init__()
         channels, height, width_px = _image_shape(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("width", width)
         act = _activation(activation)
         layers: list[nn.Module] = []
         size = min(height, width_px)
@@ -478,8 +477,8 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         channels = _image_shape(input_shape)[0]
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("width", width)
         act = _activation(activation)
         self.stem = nn.Sequential(_conv(channels, width, bias), act())
         blocks: list[nn.Module] = []
