@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sgdstab._checks import check_positive_int
 from sgdstab.errors import DataError, InputError
 
 LOSSES = ("mse", "cross_entropy")
@@ -69,7 +70,9 @@ class Problem:
         inputs, targets: the whole data set, one sample per leading index. For "mse" the targets
             have the model's output shape; for "cross_entropy" they are integer class labels.
         loss: "mse" or "cross_entropy".
-        chunk_size: samples per forward pass; bounds memory, never changes the numbers.
+        chunk_size: samples per forward pass; bounds memory. It changes a number only by rounding:
+            losses are summed in float64, but a float32 forward pass may round differently for
+            another batch size (about 1e-7 relative).
         params: names (or name prefixes, e.g. a layer "features.0") of the parameters that form
             theta. Default: every trainable parameter, in ``model.named_parameters()`` order.
     """
@@ -167,9 +170,7 @@ class Problem:
         problem._batch_to_xy = to_xy
         problem._inputs = problem._targets = None
         if num_samples is not None:
-            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-                raise ProblemError(f"num_samples must be a positive integer, got {num_samples!r}")
-            problem.num_samples = num_samples
+            problem.num_samples = check_positive_int("num_samples", num_samples)
             return problem
         first = [problem._fingerprint(x, y) for x, y in problem._loader_batches()]
         second = [problem._fingerprint(x, y) for x, y in problem._loader_batches()]
@@ -425,7 +426,10 @@ class Problem:
         """L(theta) over the whole data set (SPEC.md section 1); theta defaults to the model's."""
         theta = self.parameters() if theta is None else theta
         with torch.no_grad():
-            total = sum(self.chunk_loss_sum(theta, x, y).item() for x, y in self.chunks())
+            # Summed in float64 so the chunking changes only the forward pass's own rounding.
+            total = sum(
+                self.per_sample_losses(theta, x, y).to(torch.float64).sum().item() for x, y in self.chunks()
+            )
         value = total / self.num_samples
         if not math.isfinite(value):
             raise ProblemError(
