@@ -331,7 +331,10 @@ class Problem:
                 f"theta must be a flat vector of length {self.num_params}, got shape {tuple(theta.shape)}"
             )
         pieces = torch.split(theta, self._param_sizes)
-        return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+        return {
+            n: piece.view(shape)
+            for n, piece, shape in zip(self.param_names, pieces, self.param_shapes, strict=True)
+        }
 
     def set_parameters(self, theta: Tensor) -> None:
         """Write a flat vector into the model's parameters (the chosen subset)."""

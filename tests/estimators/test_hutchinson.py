@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from known_spectra import hessian_like_spectrum, hutchinson_variance, with_spectrum
@@ -103,3 +104,18 @@ def test_frobenius_of_zero_operator_is_exactly_zero():
 def test_bad_input_raises_clear_value_error(estimator, kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimator(OP, **kwargs)
+
+
+def test_numpy_and_tensor_counts_give_the_same_estimate_and_the_old_keyword_is_gone():
+    reference = trace(OP, num_probes=12, block_size=5, seed=3)
+    for count, block in ((np.int64(12), np.int32(5)), (torch.tensor(12), torch.tensor(5))):
+        result = trace(OP, num_probes=count, block_size=block, seed=3)
+        assert (result.value, result.stderr, result.num_matvecs) == (
+            reference.value,
+            reference.stderr,
+            reference.num_matvecs,
+        )
+    with pytest.raises(TypeError, match="batch_size"):
+        trace(OP, num_probes=4, batch_size=4)  # renamed block_size: SGD's B is batch_size
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got True"):
+        trace(OP, num_probes=4, block_size=True)
