@@ -333,7 +333,7 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
 def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
-        # ``block`` probes, then 32 more (the default batch_size) until the stderr is 5%.
+        # ``block`` probes, then 32 more (the default block_size) until the stderr is 5%.
         t, res = timed(
             lambda: trace(
                 hessian(peers.problem, cache_graph=True),
@@ -379,7 +379,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     for r in range(repeats):
         t, res = timed(
             lambda: frobenius_norm(
-                hessian(peers.problem, cache_graph=True), num_probes=num_probes, batch_size=num_probes, seed=r
+                hessian(peers.problem, cache_graph=True), num_probes=num_probes, block_size=num_probes, seed=r
             )
         )
         ours.append(

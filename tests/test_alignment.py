@@ -117,11 +117,10 @@ def test_a_sketch_spanning_sample_space_makes_the_stochastic_path_exact():
 def test_alignment_does_not_depend_on_the_scale_of_the_residuals():
     problem = _mlp_problem(3)
     outputs = problem.outputs()
-    inputs, targets = all_data(problem)
-    direction = outputs - targets
+    direction = outputs - problem.targets
     values = []
     for scale in (1e-3, 1.0, 1e3):
-        scaled = Problem(problem.model, inputs, outputs - scale * direction)
+        scaled = problem.with_targets(outputs - scale * direction)
         values.append(alignment(scaled, hessian=False).mu)
     assert values == pytest.approx([values[1]] * 3, rel=1e-9)
 
@@ -213,8 +212,7 @@ def test_alignment_refuses_bad_arguments_and_oversized_k():
 
 def test_alignment_is_nan_with_zero_residuals_but_the_worst_case_stands():
     problem = _mlp_problem(1)
-    inputs, _ = all_data(problem)
-    interpolating = Problem(problem.model, inputs, problem.outputs(), chunk_size=problem.chunk_size)
+    interpolating = problem.with_targets(problem.outputs())
     result = alignment(interpolating, hessian=False)
     assert math.isnan(result.mu) and result.loss == 0
     assert result.mu_min > 0

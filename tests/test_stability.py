@@ -280,8 +280,7 @@ def test_full_batch_without_replacement_is_gradient_descent():
 
 def test_stability_warns_away_from_a_minimum():
     problem = _minimum(7, 8, 1)
-    inputs, targets = all_data(problem)
-    shifted = Problem(problem.model, inputs, targets + 1.0)
+    shifted = problem.with_targets(problem.targets + 1.0)
     with pytest.warns(UserWarning, match="not a minimum"):
         result = stability(shifted, lr=0.1, batch_size=2)
     assert len(result.warnings) == 1 and "not a minimum" in result.warnings[0]

@@ -225,7 +225,7 @@ def test_named_metrics_and_registration():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": 0.0}, "lr must be a positive finite number"),
         ({"lr": -1.0}, "lr must be"),
         ({"batch_size": 11}, "larger than the 10 samples"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),

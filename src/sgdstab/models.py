@@ -35,8 +35,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from sgdstab._checks import check_positive_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -127,7 +130,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    """Tuples become lists, so a config equals its own JSON round trip."""
+    """Tuples become lists and numpy scalars Python numbers, so a config equals its own JSON round trip."""
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -136,43 +141,37 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- checks
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _activation(name: str) -> type[nn.Module]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
+def _sizes(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
+    """One size or a sequence of sizes as a tuple of Python ints >= 1."""
+    entries = [value] if isinstance(value, (int, np.integer)) else list(value)
+    return tuple(check_positive_int(name, entry) for entry in entries)
+
+
 def _flat_size(input_shape: int | Sequence[int]) -> int:
-    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
-    for size in shape:
-        _positive_int("every entry of input_shape", size)
-    return math.prod(shape)
+    return math.prod(_sizes("every entry of input_shape", input_shape))
 
 
-def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(input_shape, int) or len(input_shape) != 3:
+def _image_shape(input_shape: int | Sequence[int]) -> tuple[int, int, int]:
+    shape = _sizes("every entry of input_shape", input_shape)
+    if len(shape) != 3:
         raise ValueError(
             f"a CNN needs input_shape = (channels, height, width), e.g. (3, 32, 32); got {input_shape!r}"
         )
-    for size in input_shape:
-        _positive_int("every entry of input_shape", size)
-    return tuple(input_shape)
+    return shape[0], shape[1], shape[2]
 
 
 def _stages(
     depth: int | Sequence[int], table: Callable[[int], tuple[int, ...]], what: str
 ) -> tuple[int, ...]:
-    stages = table(depth) if isinstance(depth, int) else tuple(depth)
+    stages = table(int(depth)) if isinstance(depth, (int, np.integer)) else _sizes(f"{what} per stage", depth)
     if not stages:
         raise ValueError(f"depth needs at least one stage of {what}")
-    for count in stages:
-        _positive_int(f"{what} per stage", count)
     return stages
 
 
@@ -223,12 +222,12 @@ class FullyConnected(nn.Module):
     ):
         super().__init__()
         in_features = _flat_size(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("depth", depth)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("depth", depth)
+        check_positive_int("width", width)
         sizes = [in_features] + [width] * (depth - 1) + [num_outputs]
         layers: list[nn.Module] = [nn.Flatten()]
-        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             if index > 0 and activation is not None:
                 layers.append(_activation(activation)())
             layers.append(nn.Linear(fan_in, fan_out, bias=bias))
@@ -314,8 +313,8 @@ class RandomFeatures(nn.Module):
     ):
         super().__init__()
         self.in_features = _flat_size(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("num_features", num_features)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("num_features", num_features)
         self.activation = _activation(activation)()
         self.activation_name = activation
         self.centered = centered
@@ -372,9 +371,10 @@ def _stage_channels(width: int, stage: int) -> int:
 
 
 class VGG(nn.Module):
-    """VGG-style CNN: stages of 3x3 convolutions + activation, each stage ending in a 2x2
-    max-pool while the feature map is at least 2x2, then global average pooling and one linear
-    layer to the outputs (the CIFAR variant of VGG: one classifier layer instead of three).
+    """VGG-style CNN (the CIFAR variant of VGG: one classifier layer instead of three).
+
+    Stages of 3x3 convolutions + activation, each stage ending in a 2x2 max-pool while the
+    feature map is at least 2x2, then global average pooling and one linear layer to the outputs.
     Stages that run on a 1x1 map (small inputs, deep configurations) use 1x1 convolutions.
 
     Stage k has ``width * min(2^k, 8)`` channels; width 64 gives the original 64-128-256-512-512.
@@ -391,8 +391,8 @@ class VGG(nn.Module):
     ):
         super().__init__()
         channels, height, width_px = _image_shape(input_shape)
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("width", width)
         act = _activation(activation)
         layers: list[nn.Module] = []
         size = min(height, width_px)
@@ -433,8 +433,10 @@ def _vgg(
 
 
 class ResidualBlock(nn.Module):
-    """out = act(shortcut(x) + conv(act(conv(x)))); the shortcut is the identity, or a strided
-    1x1 convolution where the block changes resolution or channels.
+    """out = act(shortcut(x) + conv(act(conv(x)))).
+
+    The shortcut is the identity, or a strided 1x1 convolution where the block changes resolution
+    or channels.
     """
 
     def __init__(
@@ -458,8 +460,9 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-style CNN without BatchNorm: a 3x3 stem, stages of residual blocks (stage k has
-    ``width * min(2^k, 8)`` channels and halves the resolution at its first block, k > 0), global
+    """ResNet-style CNN without BatchNorm.
+
+    A 3x3 stem, stages of residual blocks (stage k has ``width * min(2^k, 8)`` channels and halves the resolution at its first block, k > 0), global
     average pooling and a linear output layer.
 
     Without BatchNorm the sum of L residual branches would grow the signal with depth, so the
@@ -478,8 +481,8 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         channels = _image_shape(input_shape)[0]
-        _positive_int("num_outputs", num_outputs)
-        _positive_int("width", width)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("width", width)
         act = _activation(activation)
         self.stem = nn.Sequential(_conv(channels, width, bias), act())
         blocks: list[nn.Module] = []

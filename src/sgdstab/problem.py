@@ -4,17 +4,25 @@ Square loss follows SPEC.md section 1: L(theta) = (1/(2n)) sum_i ||f(x_i) - y_i|
 the C outputs and averaged over samples (``torch.nn.MSELoss()`` is 2/C times this). Cross-entropy
 is L = (1/n) sum_i CE(f(x_i), y_i) with integer class targets. The whole data set is evaluated in
 chunks of ``chunk_size`` samples so memory stays bounded whatever n.
+
+A Problem built from a loader (``Problem.from_loader``) reads it once per pass over the data.
+Every per-sample quantity (noise covariance, alignment, the NTK) pairs samples across passes, so
+each pass is compared with the first by a fingerprint per batch (its size and two position-weighted
+sums of its inputs and targets), and a loader whose passes differ in order, content or size is
+refused with the reason.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sgdstab._checks import check_positive_int
 from sgdstab.errors import DataError, InputError
 
 LOSSES = ("mse", "cross_entropy")
@@ -23,6 +31,14 @@ _MODE_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNor
 
 class ProblemError(InputError):
     """A Problem was given inputs it cannot evaluate; the message says what to change."""
+
+
+class ProblemTypeError(ProblemError, TypeError):
+    """Inputs or targets that are not tensors (numpy arrays, lists); also a ``TypeError``."""
+
+
+BatchToXY = Callable[[Any], tuple[Tensor, Tensor]]
+_Fingerprint = tuple[int, float, float, float, float]
 
 
 def per_sample_loss(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -54,7 +70,9 @@ class Problem:
         inputs, targets: the whole data set, one sample per leading index. For "mse" the targets
             have the model's output shape; for "cross_entropy" they are integer class labels.
         loss: "mse" or "cross_entropy".
-        chunk_size: samples per forward pass; bounds memory, never changes the numbers.
+        chunk_size: samples per forward pass; bounds memory. It changes a number only by rounding:
+            losses are summed in float64, but a float32 forward pass may round differently for
+            another batch size (about 1e-7 relative).
         params: names (or name prefixes, e.g. a layer "features.0") of the parameters that form
             theta. Default: every trainable parameter, in ``model.named_parameters()`` order.
     """
@@ -73,6 +91,8 @@ class Problem:
             raise ProblemError(f"loss must be one of {LOSSES}, got {loss!r}")
         if chunk_size < 1:
             raise ProblemError(f"chunk_size must be a positive number of samples, got {chunk_size}")
+        _check_data_tensor("inputs", inputs)
+        _check_data_tensor("targets", targets)
         if len(inputs) == 0:
             raise ProblemError("the data set is empty: a Problem needs at least one sample")
         if len(inputs) != len(targets):
@@ -82,23 +102,50 @@ class Problem:
         self.model = model
         self.loss_name = loss
         self.chunk_size = int(chunk_size)
-        self._inputs = inputs
-        self._targets = targets
+        self._inputs: Tensor | None = inputs
+        self._targets: Tensor | None = targets
         self._loader: Iterable | None = None
+        self._batch_to_xy: BatchToXY = _default_batch_to_xy
+        self._fingerprints: list[_Fingerprint] | None = None
         self._select_params(params)
         self.num_samples = len(inputs)
         self._check_targets(inputs[:1], targets[:1])
+        self._check_labels(targets)
 
     @classmethod
     def from_loader(
-        cls, model: nn.Module, loader: Iterable, loss: str = "mse", params: Sequence[str] | None = None
+        cls,
+        model: nn.Module,
+        loader: Iterable,
+        loss: str = "mse",
+        params: Sequence[str] | None = None,
+        *,
+        batch_to_xy: BatchToXY | None = None,
+        num_samples: int | None = None,
     ) -> Problem:
         """A Problem whose data is read from a loader of (inputs, targets) batches on every pass.
 
         The loader is iterated once per pass over the data, so only one batch is in memory at a
-        time. It must yield the same samples in the same order every time: a shuffling
-        ``DataLoader`` is refused, because per-sample quantities (noise covariance, alignment)
-        pair samples across passes.
+        time. It must yield the same samples in the same order on every pass, because per-sample
+        quantities (noise covariance, alignment) pair samples across passes. So the loader is
+        read twice here and refused (``ProblemError``, with the reason) when it is a one-shot
+        iterator (a generator), when it shuffles (``shuffle=True``, a ``SubsetRandomSampler``, an
+        iterable drawing a new order per pass: the two passes differ), or when the passes differ
+        in size. Every later pass is compared with the first in the same way and raises
+        ``DataError`` at the first batch that differs.
+
+        Args:
+            model: as for ``Problem``.
+            loader: a re-iterable of batches: a ``DataLoader`` with ``shuffle=False``, a list.
+            loss: as for ``Problem``.
+            params: as for ``Problem``.
+            batch_to_xy: turns one batch into ``(inputs, targets)`` tensors, for loaders whose
+                batches are dicts or longer tuples, e.g. ``lambda b: (b["image"], b["label"])``.
+                Default: batches must be ``(inputs, targets)`` pairs.
+            num_samples: the number of samples, when known. The two passes are then skipped (only
+                the first batch is read here); the first evaluation pass records the fingerprints
+                and checks this count, and every later pass is compared with it, so a loader
+                that changes is still refused before a second pass pairs its samples.
         """
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, torch.utils.data.RandomSampler):
@@ -106,18 +153,77 @@ class Problem:
                 "the loader shuffles (shuffle=True); build it with shuffle=False so every pass "
                 "over the data sees the same samples in the same order"
             )
-        batches = iter(loader)
+        if iter(loader) is loader:
+            raise ProblemError(
+                f"the loader is a one-shot iterator ({type(loader).__name__}): a Problem reads its data once "
+                "per pass, so pass something that can be iterated again, such as a DataLoader or a list of batches"
+            )
+        to_xy = _default_batch_to_xy if batch_to_xy is None else batch_to_xy
         try:
-            first_inputs, first_targets = next(batches)
+            first_inputs, first_targets = to_xy(next(iter(loader)))
         except StopIteration:
             raise ProblemError("the loader yields no batches: a Problem needs at least one sample") from None
         problem = cls(
             model, first_inputs, first_targets, loss=loss, chunk_size=len(first_inputs), params=params
         )
         problem._loader = loader
+        problem._batch_to_xy = to_xy
         problem._inputs = problem._targets = None
-        problem.num_samples = sum(len(x) for x, _ in loader)
+        if num_samples is not None:
+            problem.num_samples = check_positive_int("num_samples", num_samples)
+            return problem
+        first = [problem._fingerprint(x, y) for x, y in problem._loader_batches()]
+        second = [problem._fingerprint(x, y) for x, y in problem._loader_batches()]
+        difference = _pass_difference(first, second)
+        if difference:
+            raise ProblemError(
+                f"the loader gives different data on two passes ({difference}); a Problem pairs samples "
+                "across passes, so build the loader with a fixed order (shuffle=False, a SequentialSampler)"
+            )
+        problem._fingerprints = first
+        problem.num_samples = sum(f[0] for f in first)
         return problem
+
+    # ----------------------------------------------------------------------------- data
+    @property
+    def inputs(self) -> Tensor | None:
+        """The inputs as given, or None for a Problem read from a loader (iterate ``chunks()``)."""
+        return self._inputs
+
+    @property
+    def targets(self) -> Tensor | None:
+        """The targets as given, or None for a Problem read from a loader (iterate ``chunks()``)."""
+        return self._targets
+
+    def with_targets(self, targets: Tensor) -> Problem:
+        """The same model, inputs, loss, chunking and parameter subset with other targets.
+
+        Raises:
+            ProblemError: for a Problem read from a loader, whose targets are not held here.
+        """
+        if self._inputs is None:
+            raise ProblemError(
+                "with_targets needs the inputs in memory; this Problem reads them from a loader, so build "
+                "another loader with the new targets and call Problem.from_loader"
+            )
+        return Problem(
+            self.model,
+            self._inputs,
+            targets,
+            loss=self.loss_name,
+            chunk_size=self.chunk_size,
+            params=self.param_names,
+        )
+
+    def zero_predictor_loss(self) -> float:
+        """L of the predictor f = 0, the scale against which a loss is large or small.
+
+        0.5 mean ||y||^2 (accumulated in float64) for "mse"; log C for "cross_entropy" (uniform logits).
+        """
+        if self.loss_name == "cross_entropy":
+            return math.log(self.num_outputs)
+        total = sum(0.5 * y.to(torch.float64).pow(2).sum().item() for _, y in self.chunks())
+        return total / self.num_samples
 
     # ----------------------------------------------------------------------------- checks
     @staticmethod
@@ -152,6 +258,11 @@ class Problem:
                 )
         if not chosen:
             raise ProblemError("the model has no trainable parameters to measure")
+        self._mode_sensitive = [
+            (name or type(m).__name__, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, _MODE_SENSITIVE)
+        ]
         self.param_names = [n for n, _ in chosen]
         self.param_shapes = [p.shape for _, p in chosen]
         self._param_sizes = [p.numel() for _, p in chosen]
@@ -162,6 +273,27 @@ class Problem:
         # Parameters outside the subset (and buffers) enter every call as constants.
         self._frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen_names}
         self._frozen.update(dict(self.model.named_buffers()))
+
+    def _check_labels(self, y: Tensor) -> None:
+        """Cross-entropy class labels must index the model's C outputs."""
+        if self.loss_name != "cross_entropy" or len(y) == 0:
+            return
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= self.num_outputs:
+            raise ProblemError(
+                f"cross-entropy class labels must lie in 0..{self.num_outputs - 1} (the model has "
+                f"{self.num_outputs} outputs), got labels from {low} to {high}"
+            )
+
+    def _check_mode(self) -> None:
+        """Refuse to evaluate once a Dropout/BatchNorm layer was switched back to training mode."""
+        switched = [name for name, module in self._mode_sensitive if module.training]
+        if switched:
+            raise ProblemError(
+                f"the model's Dropout/BatchNorm layers ({', '.join(switched[:3])}) were switched to training "
+                "mode after this Problem was built, so its outputs are no longer a deterministic function "
+                "of the parameters: call model.eval() before evaluating"
+            )
 
     def _check_targets(self, x: Tensor, y: Tensor) -> None:
         with torch.no_grad():
@@ -199,7 +331,10 @@ class Problem:
                 f"theta must be a flat vector of length {self.num_params}, got shape {tuple(theta.shape)}"
             )
         pieces = torch.split(theta, self._param_sizes)
-        return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+        return {
+            n: piece.view(shape)
+            for n, piece, shape in zip(self.param_names, pieces, self.param_shapes, strict=True)
+        }
 
     def set_parameters(self, theta: Tensor) -> None:
         """Write a flat vector into the model's parameters (the chosen subset)."""
@@ -211,6 +346,7 @@ class Problem:
     # ----------------------------------------------------------------------------- evaluation
     def forward(self, theta: Tensor, x: Tensor) -> Tensor:
         """Model outputs for inputs x at parameters theta (pure: the model is not modified)."""
+        self._check_mode()
         return functional_call(self.model, {**self._frozen, **self.unflatten(theta)}, (x,))
 
     def _to_device(self, t: Tensor) -> Tensor:
@@ -221,14 +357,66 @@ class Problem:
     def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(inputs, targets) chunks covering the data set once, in a fixed order, on the model's device."""
         if self._loader is not None:
-            source: Iterable = self._loader
-        else:
-            source = (
-                (self._inputs[i : i + self.chunk_size], self._targets[i : i + self.chunk_size])
-                for i in range(0, self.num_samples, self.chunk_size)
+            yield from self._checked_loader_pass()
+            return
+        assert self._inputs is not None and self._targets is not None
+        for i in range(0, self.num_samples, self.chunk_size):
+            yield (
+                self._to_device(self._inputs[i : i + self.chunk_size]),
+                self._to_device(self._targets[i : i + self.chunk_size]),
             )
-        for x, y in source:
-            yield self._to_device(x), self._to_device(y)
+
+    def _loader_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The loader's batches as (inputs, targets) on the model's device, labels checked."""
+        assert self._loader is not None
+        for batch in self._loader:
+            x, y = self._batch_to_xy(batch)
+            _check_data_tensor("a batch's inputs", x)
+            _check_data_tensor("a batch's targets", y)
+            x, y = self._to_device(x), self._to_device(y)
+            self._check_labels(y)
+            yield x, y
+
+    def _checked_loader_pass(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over the loader, each batch compared with the first pass (recorded if none)."""
+        recorded, seen = self._fingerprints, []
+        for index, (x, y) in enumerate(self._loader_batches()):
+            fingerprint = self._fingerprint(x, y)
+            if recorded is not None and (index >= len(recorded) or not _same(recorded[index], fingerprint)):
+                raise DataError(
+                    f"the loader changed between passes: batch {index} differs from the first pass "
+                    "(order, content or size); build it with a fixed order (shuffle=False)"
+                )
+            seen.append(fingerprint)
+            yield x, y
+        if recorded is None:
+            count = sum(f[0] for f in seen)
+            if count != self.num_samples:
+                raise DataError(
+                    f"the loader gave {count} samples, but num_samples={self.num_samples} was passed to from_loader"
+                )
+            self._fingerprints = seen
+        elif len(seen) != len(recorded):
+            raise DataError(
+                f"the loader changed between passes: {len(seen)} batches, the first pass had {len(recorded)}"
+            )
+
+    @staticmethod
+    def _fingerprint(x: Tensor, y: Tensor) -> _Fingerprint:
+        """Size plus plain and position-weighted sums of the inputs and targets of one batch.
+
+        The weighted sums change when samples swap places, so two passes with equal fingerprints
+        hold the same samples in the same order (up to coincidences of measure zero).
+        """
+        position = torch.arange(1, len(x) + 1, dtype=torch.float64, device=x.device)
+        sums = [t.reshape(len(t), -1).to(torch.float64).sum(dim=1) for t in (x, y)]
+        return (
+            len(x),
+            sums[0].sum().item(),
+            (sums[0] * position).sum().item(),
+            sums[1].sum().item(),
+            (sums[1] * position).sum().item(),
+        )
 
     def per_sample_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return per_sample_loss(self.loss_name, self.forward(theta, x), y)
@@ -241,7 +429,10 @@ class Problem:
         """L(theta) over the whole data set (SPEC.md section 1); theta defaults to the model's."""
         theta = self.parameters() if theta is None else theta
         with torch.no_grad():
-            total = sum(self.chunk_loss_sum(theta, x, y).item() for x, y in self.chunks())
+            # Summed in float64 so the chunking changes only the forward pass's own rounding.
+            total = sum(
+                self.per_sample_losses(theta, x, y).to(torch.float64).sum().item() for x, y in self.chunks()
+            )
         value = total / self.num_samples
         if not math.isfinite(value):
             raise ProblemError(
@@ -330,3 +521,50 @@ class Problem:
             f"Problem({type(self.model).__name__}, n={self.num_samples}, p={self.num_params}, "
             f"C={self.num_outputs}, loss={self.loss_name!r}, chunk_size={self.chunk_size})"
         )
+
+
+def _check_data_tensor(name: str, value: Any) -> None:
+    if not isinstance(value, Tensor):
+        raise ProblemTypeError(
+            f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}; "
+            "convert with torch.as_tensor(...)"
+        )
+    if value.ndim == 0:
+        raise ProblemError(
+            f"{name} is a 0-d tensor (a single number); give one sample per leading index, "
+            "e.g. shape (n, d) inputs and (n, C) targets"
+        )
+
+
+def _default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor]:
+    """An ``(inputs, targets)`` pair as it is; anything else is refused with the fix."""
+    if isinstance(batch, dict):
+        raise ProblemError(
+            f"the loader's batches are dicts (keys {sorted(batch)}); pass "
+            "Problem.from_loader(..., batch_to_xy=lambda batch: (batch[<inputs key>], batch[<targets key>]))"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    size = f"{len(batch)} entries" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+    raise ProblemError(
+        f"each batch must be an (inputs, targets) pair, got {size}; pass "
+        "Problem.from_loader(..., batch_to_xy=lambda batch: (inputs, targets)) to pick them out"
+    )
+
+
+def _same(first: _Fingerprint, second: _Fingerprint) -> bool:
+    # Tight relative tolerance: the same data summed twice agrees to rounding, reordered data does not.
+    return first[0] == second[0] and all(
+        math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300) for a, b in zip(first[1:], second[1:], strict=True)
+    )
+
+
+def _pass_difference(first: list[_Fingerprint], second: list[_Fingerprint]) -> str:
+    """Why two passes over a loader differ ('' when they agree)."""
+    sizes = (sum(f[0] for f in first), sum(f[0] for f in second))
+    if sizes[0] != sizes[1] or len(first) != len(second):
+        return f"{sizes[0]} samples in {len(first)} batches, then {sizes[1]} in {len(second)}"
+    for index, (a, b) in enumerate(zip(first, second, strict=True)):
+        if not _same(a, b):
+            return f"batch {index} holds other samples or another order"
+    return ""

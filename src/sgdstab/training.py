@@ -53,10 +53,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sgdstab._checks import (
+    SAMPLINGS,
+    check_choice,
+    check_int,
+    check_positive_float,
+    check_positive_int,
+)
+from sgdstab.errors import InputError
 from sgdstab.io import METRICS_FILE, append_jsonl, atomic_write, write_jsonl_atomic
 from sgdstab.problem import Problem, per_sample_loss
 
-SAMPLINGS = ("with_replacement", "without_replacement")
 FULL_BATCH = "full_batch"
 STATUSES = ("converged", "diverged", "max_steps")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -93,14 +100,9 @@ class BatchSampler:
     """
 
     def __init__(self, num_samples: int, batch_size: int, sampling: str, seed: int = 0):
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
-        if not 1 <= batch_size <= num_samples:
-            raise ValueError(
-                f"batch_size must be between 1 and the number of samples {num_samples}, got {batch_size}"
-            )
+        check_choice("sampling", sampling, SAMPLINGS)
         self.num_samples = num_samples
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, maximum=num_samples)
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(seed)
         self._permutation: Tensor | None = None
@@ -219,12 +221,6 @@ def _evaluate(model: nn.Module, problem: Problem, accuracy_kind: str | None) -> 
     return total / n, (correct / n if accuracy_kind is not None else None)
 
 
-def _zero_predictor_loss(problem: Problem) -> float:
-    if problem.loss_name == "cross_entropy":
-        return math.log(problem.num_outputs)
-    return sum(0.5 * y.pow(2).sum().item() for _, y in problem.chunks()) / problem.num_samples
-
-
 def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list[Measure]:
     if measure is None:
         return []
@@ -258,12 +254,6 @@ def _sgd_step(
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.sub_(g, alpha=lr / batch_size)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 # ============================================================================ the loop
@@ -314,36 +304,33 @@ def train(
             zero-predictor loss); ``math.inf`` keeps only the non-finite test.
         progress: called with each history row as it is recorded.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}")
+    lr = check_positive_float("lr", lr)
+    max_steps = check_int("max_steps", max_steps, minimum=0)
     if loss_goal is not None and not loss_goal >= 0:
-        raise ValueError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
+        raise InputError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
     if not divergence_factor > 1:
-        raise ValueError(
+        raise InputError(
             f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
         )
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    check_choice("sampling", sampling, SAMPLINGS)
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
     n = problem.num_samples
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        batch_size = check_positive_int("batch_size", batch_size)
         if batch_size > n:
-            raise ValueError(
+            raise InputError(
                 f"batch_size={batch_size} is larger than the {n} samples; use batch_size=None for full-batch GD"
             )
     full_batch = batch_size is None or (batch_size == n and sampling == "without_replacement")
     batch_size = n if batch_size is None else batch_size
     sampler = None if full_batch else BatchSampler(n, batch_size, sampling, seed)
-    eval_every = _check_positive_int(
+    eval_every = check_positive_int(
         "eval_every", eval_every if eval_every is not None else max(1, n // batch_size)
     )
-    measure_every = _check_positive_int(
+    measure_every = check_positive_int(
         "measure_every", measure_every if measure_every is not None else eval_every
     )
-    checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
+    checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
     measures = _resolve_measures(measure)
     params = [p for p in model.parameters() if p.requires_grad]
     accuracy_kind = _accuracy_kind(problem)
@@ -393,7 +380,7 @@ def train(
         row, status = record(0, True, reference=math.inf)
         initial_loss = row["loss"]
         reference = (
-            max(initial_loss, _zero_predictor_loss(problem)) if math.isfinite(initial_loss) else math.inf
+            max(initial_loss, problem.zero_predictor_loss()) if math.isfinite(initial_loss) else math.inf
         )
         history.append(row)
     else:

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from known_spectra import hessian_like_spectrum, hutchinson_variance, with_spectrum
@@ -15,7 +16,7 @@ FROBENIUS_SQUARED = float(SPECTRUM.pow(2).sum())
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_trace_within_four_standard_errors(seed):
-    result = trace(OP, num_probes=100, seed=seed, batch_size=16)
+    result = trace(OP, num_probes=100, seed=seed, block_size=16)
     assert abs(result.value - TRACE) <= 4 * result.stderr
     assert result.num_matvecs == 100
 
@@ -45,14 +46,14 @@ def test_trace_is_exact_for_diagonal_matrix():
 
 
 def test_target_relative_stderr_adds_batches_until_met():
-    result = trace(OP, num_probes=8, batch_size=8, target_rel_stderr=0.05)
+    result = trace(OP, num_probes=8, block_size=8, target_rel_stderr=0.05)
     assert result.stderr <= 0.05 * abs(result.value)
     assert result.num_matvecs > 8 and result.num_matvecs % 8 == 0
     assert abs(result.value - TRACE) <= 4 * result.stderr
 
 
 def test_target_relative_stderr_stops_at_max_probes():
-    result = trace(OP, num_probes=4, batch_size=4, target_rel_stderr=1e-6, max_probes=20)
+    result = trace(OP, num_probes=4, block_size=4, target_rel_stderr=1e-6, max_probes=20)
     assert result.num_matvecs == 20
     assert result.stderr > 1e-6 * abs(result.value)
 
@@ -96,10 +97,25 @@ def test_frobenius_of_zero_operator_is_exactly_zero():
     "kwargs, message",
     [
         ({"num_probes": 0}, "num_probes must be a positive integer"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"block_size": 0}, "block_size must be a positive integer"),
         ({"target_rel_stderr": -0.1}, "target_rel_stderr must be"),
     ],
 )
 def test_bad_input_raises_clear_value_error(estimator, kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimator(OP, **kwargs)
+
+
+def test_numpy_and_tensor_counts_give_the_same_estimate_and_the_old_keyword_is_gone():
+    reference = trace(OP, num_probes=12, block_size=5, seed=3)
+    for count, block in ((np.int64(12), np.int32(5)), (torch.tensor(12), torch.tensor(5))):
+        result = trace(OP, num_probes=count, block_size=block, seed=3)
+        assert (result.value, result.stderr, result.num_matvecs) == (
+            reference.value,
+            reference.stderr,
+            reference.num_matvecs,
+        )
+    with pytest.raises(TypeError, match="batch_size"):
+        trace(OP, num_probes=4, batch_size=4)  # renamed block_size: SGD's B is batch_size
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got True"):
+        trace(OP, num_probes=4, block_size=True)

@@ -73,7 +73,7 @@ def test_steps_capped_at_dimension():
 
 def test_grid_sigma_and_batching_are_honoured():
     grid = torch.linspace(-1, 41, 50, dtype=torch.float64)
-    batched = spectral_density(OP, num_probes=5, num_steps=10, sigma=0.3, grid=grid, batch_size=2)
+    batched = spectral_density(OP, num_probes=5, num_steps=10, sigma=0.3, grid=grid, block_size=2)
     assert batched.sigma == 0.3 and torch.equal(batched.grid, grid)
     assert batched.num_matvecs == 50
 

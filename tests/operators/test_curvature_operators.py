@@ -51,7 +51,7 @@ def test_cross_entropy_output_hessian_is_second_derivative_of_the_loss():
 def test_gauss_newton_equals_hessian_at_interpolation():
     problem = make_problem("mlp", "mse")
     inputs, _ = all_inputs_targets(problem)
-    problem._targets = problem.forward(problem.parameters(), inputs).detach()  # residuals are zero
+    problem = problem.with_targets(problem.forward(problem.parameters(), inputs).detach())  # residuals are zero
     assert torch.allclose(gauss_newton(problem).to_dense(), hessian(problem).to_dense(), atol=1e-12)
 
 

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from sgdstab._checks import check_choice, check_positive_int
 from sgdstab.operators import LinearOperator
 
 WHICH = ("largest", "smallest", "both")
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_positive_float(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def check_num_eigenvalues(op: LinearOperator, k: int, which: str) -> None:
     """Refuse ``k`` extreme eigenvalues that a ``d x d`` operator cannot have."""
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    check_positive_int("k", k)
+    check_choice("which", which, WHICH)
+    k = check_positive_int("k", k)
     needed = 2 * k if which == "both" else k
     if needed > op.size:
         raise ValueError(
@@ -76,6 +62,6 @@ def gaussian(op: LinearOperator, num_columns: int, generator: torch.Generator) -
     return draws.to(op.device)
 
 
-def apply_in_blocks(op: LinearOperator, columns: Tensor, batch_size: int) -> Tensor:
-    """``op @ columns``, ``batch_size`` columns per call, to bound the operator's working memory."""
-    return torch.cat([op @ block for block in columns.split(batch_size, dim=1)], dim=1)
+def apply_in_blocks(op: LinearOperator, columns: Tensor, block_size: int) -> Tensor:
+    """``op @ columns``, ``block_size`` columns per call, to bound the operator's working memory."""
+    return torch.cat([op @ block for block in columns.split(block_size, dim=1)], dim=1)

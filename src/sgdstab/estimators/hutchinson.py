@@ -14,12 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sgdstab.estimators._common import (
-    check_positive_float,
-    check_positive_int,
-    make_generator,
-    rademacher,
-)
+from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.estimators._common import make_generator, rademacher
 from sgdstab.estimators.results import FrobeniusResult, TraceResult
 from sgdstab.operators import LinearOperator
 
@@ -41,38 +37,38 @@ def _sample_probes(
     num_probes: int,
     seed: int | None,
     target_rel_stderr: float | None,
-    batch_size: int,
+    block_size: int,
     max_probes: int,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, int]:
-    """Per-probe values of ``statistic``, drawn in blocks of ``batch_size`` probes, and the
+    """Per-probe values of ``statistic``, drawn in blocks of ``block_size`` probes, and the
     number of operator applications they cost.
 
     Draws ``num_probes``, then, when ``target_rel_stderr`` is set, further blocks until the
     standard error of their mean is at most that fraction of |mean| or ``max_probes`` is reached.
     """
-    _check_sampling(num_probes, batch_size, target_rel_stderr, max_probes)
+    _check_sampling(num_probes, block_size, target_rel_stderr, max_probes)
     generator = make_generator(op, seed, generator)
     matvecs_before = op.num_matvecs
     samples: list[Tensor] = []
     drawn = 0
     goal = num_probes
     while drawn < goal:
-        probes = rademacher(op, min(batch_size, goal - drawn), generator)
+        probes = rademacher(op, min(block_size, goal - drawn), generator)
         samples.append(statistic(probes, op @ probes))
         drawn += probes.shape[1]
         if drawn == goal and target_rel_stderr is not None and goal < max_probes:
             mean, stderr = mean_and_stderr(torch.cat(samples))
             if not stderr <= target_rel_stderr * abs(mean):
-                goal = min(goal + batch_size, max_probes)
+                goal = min(goal + block_size, max_probes)
     return torch.cat(samples), op.num_matvecs - matvecs_before
 
 
 def _check_sampling(
-    num_probes: int, batch_size: int, target_rel_stderr: float | None, max_probes: int
+    num_probes: int, block_size: int, target_rel_stderr: float | None, max_probes: int
 ) -> None:
     check_positive_int("num_probes", num_probes)
-    check_positive_int("batch_size", batch_size)
+    check_positive_int("block_size", block_size)
     check_positive_int("max_probes", max_probes)
     if target_rel_stderr is not None:
         check_positive_float("target_rel_stderr", target_rel_stderr)
@@ -83,13 +79,13 @@ def trace(
     num_probes: int = 100,
     seed: int | None = 0,
     target_rel_stderr: float | None = None,
-    batch_size: int = 32,
+    block_size: int = 32,
     max_probes: int = 10_000,
     generator: torch.Generator | None = None,
 ) -> TraceResult:
     """Hutchinson's estimate of tr A: the mean of z^T A z over Rademacher probes z.
 
-    With ``target_rel_stderr``, probes beyond ``num_probes`` are added ``batch_size`` at a time
+    With ``target_rel_stderr``, probes beyond ``num_probes`` are added ``block_size`` at a time
     until ``stderr <= target_rel_stderr * |value|`` or ``max_probes`` have been used. Exact (zero
     variance) for diagonal A.
     """
@@ -99,7 +95,7 @@ def trace(
         num_probes,
         seed,
         target_rel_stderr,
-        batch_size,
+        block_size,
         max_probes,
         generator,
     )
@@ -112,7 +108,7 @@ def frobenius_norm(
     num_probes: int = 100,
     seed: int | None = 0,
     target_rel_stderr: float | None = None,
-    batch_size: int = 32,
+    block_size: int = 32,
     max_probes: int = 10_000,
     generator: torch.Generator | None = None,
 ) -> FrobeniusResult:
@@ -128,7 +124,7 @@ def frobenius_norm(
         num_probes,
         seed,
         target_rel_stderr,
-        batch_size,
+        block_size,
         max_probes,
         generator,
     )

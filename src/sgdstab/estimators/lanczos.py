@@ -17,14 +17,8 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from sgdstab.estimators._common import (
-    check_num_eigenvalues,
-    check_positive_float,
-    check_positive_int,
-    gaussian,
-    make_generator,
-    select_extremal,
-)
+from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.estimators._common import check_num_eigenvalues, gaussian, make_generator, select_extremal
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from sgdstab.estimators._common import (
-    apply_in_blocks,
-    check_positive_int,
-    make_generator,
-    rademacher,
-)
+from sgdstab._checks import check_positive_int
+from sgdstab.estimators._common import apply_in_blocks, make_generator, rademacher
 from sgdstab.estimators.hutchinson import mean_and_stderr
 from sgdstab.estimators.results import TraceResult
 from sgdstab.operators import LinearOperator
@@ -27,7 +23,7 @@ def hutchpp_trace(
     op: LinearOperator,
     num_matvecs: int = 99,
     seed: int | None = 0,
-    batch_size: int = 32,
+    block_size: int = 32,
     generator: torch.Generator | None = None,
 ) -> TraceResult:
     """Hutch++ estimate of tr A from at most ``num_matvecs`` operator applications.
@@ -38,7 +34,7 @@ def hutchpp_trace(
     sketch spans the whole space the answer is exact, no probes are spent and ``stderr`` is 0.
     """
     check_positive_int("num_matvecs", num_matvecs)
-    check_positive_int("batch_size", batch_size)
+    check_positive_int("block_size", block_size)
     if num_matvecs < 3:
         raise ValueError(
             f"hutchpp_trace needs num_matvecs >= 3 (sketch, its image, probes), got {num_matvecs}"
@@ -47,15 +43,15 @@ def hutchpp_trace(
     matvecs_before = op.num_matvecs
 
     sketch_size = min(num_matvecs // 3, op.size)
-    sketch = apply_in_blocks(op, rademacher(op, sketch_size, generator), batch_size)
+    sketch = apply_in_blocks(op, rademacher(op, sketch_size, generator), block_size)
     basis, _ = torch.linalg.qr(sketch)
-    sketched_trace = float((basis * apply_in_blocks(op, basis, batch_size)).sum())
+    sketched_trace = float((basis * apply_in_blocks(op, basis, block_size)).sum())
     if sketch_size == op.size:
         return TraceResult(sketched_trace, stderr=0.0, num_matvecs=op.num_matvecs - matvecs_before)
 
     probes = rademacher(op, num_matvecs - 2 * sketch_size, generator)
     deflated = probes - basis @ (basis.T @ probes)
-    quadratic_forms = (deflated * apply_in_blocks(op, deflated, batch_size)).sum(dim=0)
+    quadratic_forms = (deflated * apply_in_blocks(op, deflated, block_size)).sum(dim=0)
     residual_trace, stderr = mean_and_stderr(quadratic_forms)
     return TraceResult(
         sketched_trace + residual_trace, stderr=stderr, num_matvecs=op.num_matvecs - matvecs_before

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sgdstab.estimators._common import (
-    check_positive_float,
-    check_positive_int,
-    gaussian,
-    make_generator,
-)
+from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.estimators._common import gaussian, make_generator
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
 

@@ -17,12 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from sgdstab.estimators._common import (
-    check_positive_float,
-    check_positive_int,
-    make_generator,
-    rademacher,
-)
+from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.estimators._common import make_generator, rademacher
 from sgdstab.estimators.lanczos import LanczosProcess
 from sgdstab.estimators.results import DensityResult
 from sgdstab.operators import LinearOperator
@@ -41,13 +37,13 @@ def spectral_density(
     sigma: float | None = None,
     grid: Tensor | None = None,
     num_grid: int = 1000,
-    batch_size: int = 10,
+    block_size: int = 10,
     generator: torch.Generator | None = None,
 ) -> DensityResult:
     """Smoothed spectral density by stochastic Lanczos quadrature.
 
     Runs ``min(num_steps, d)`` Lanczos steps from each of ``num_probes`` Rademacher probes,
-    ``batch_size`` probes side by side (memory: ``num_steps * d * batch_size`` numbers). The
+    ``block_size`` probes side by side (memory: ``num_steps * d * block_size`` numbers). The
     quadrature rule (``nodes``, ``weights``; weights sum to 1) is the average of the probes'
     rules; its first two moments are Hutchinson estimates of tr(A)/d and ||A||_F^2/d. ``sigma``
     defaults to 1% of the spread of the nodes; ``grid`` defaults to ``num_grid`` points covering
@@ -55,15 +51,15 @@ def spectral_density(
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)
-    check_positive_int("batch_size", batch_size)
+    check_positive_int("block_size", block_size)
     _check_smoothing(sigma, num_grid)
     generator = make_generator(op, seed, generator)
     matvecs_before = op.num_matvecs
 
     num_steps = min(num_steps, op.size)
     rules = [
-        _quadrature_rules(op, min(batch_size, num_probes - first), num_steps, generator)
-        for first in range(0, num_probes, batch_size)
+        _quadrature_rules(op, min(block_size, num_probes - first), num_steps, generator)
+        for first in range(0, num_probes, block_size)
     ]
     nodes = torch.cat([node for node, _ in rules])
     weights = torch.cat([weight for _, weight in rules]) / num_probes

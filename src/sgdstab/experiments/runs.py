@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sgdstab._checks import check_sgd_arguments
 from sgdstab.data import DataSet
 from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, to_dict
 from sgdstab.io import CONFIG_FILE, FINAL_FILE, RunFolder, config_id, read_json, write_json_atomic
 from sgdstab.problem import Problem
-from sgdstab.stability import StabilityResult, check_sgd_arguments, stability
+from sgdstab.stability import StabilityResult, stability
 from sgdstab.summary import curvature_summary
 from sgdstab.training import CHECKPOINT_FILE, Measure, TrainResult, train
 

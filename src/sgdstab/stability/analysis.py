@@ -97,8 +97,7 @@ def stability(
     for the exact threshold and the growth factor. ``rank_rtol``: see ``gram_spectrum``.
     """
     problem.require_square_loss("linear stability of SGD")
-    check_sgd_arguments(problem.num_samples, lr, batch_size, sampling)
-    lr, batch_size = float(lr), int(batch_size)
+    lr, batch_size = check_sgd_arguments(problem.num_samples, lr, batch_size, sampling)
     theta = (problem.parameters() if theta is None else theta).detach()
     problem.check_finite(theta)
     gram = gram_matrix(problem, theta, max_jacobian_entries, max_gram_entries)
@@ -109,7 +108,7 @@ def stability(
     residuals = problem.residuals(theta).reshape(-1).to(torch.float64)
     loss = residuals.pow(2).sum().item() / (2 * n)
     gradient_norm = math.sqrt(max((residuals @ spectrum.gram @ residuals).item(), 0.0)) / n
-    reference = sum(y.to(torch.float64).pow(2).sum().item() for _, y in problem.chunks()) / (2 * n) or 1.0
+    reference = problem.zero_predictor_loss() or 1.0
     notes: tuple[str, ...] = ()
     if loss > minimum_rtol * reference:
         notes = (

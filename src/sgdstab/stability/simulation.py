@@ -83,7 +83,7 @@ def simulate_linearized_sgd(
     """
     problem.require_square_loss("linearised SGD")
     n, outputs = problem.num_samples, problem.num_outputs
-    check_sgd_arguments(n, lr, batch_size, sampling)
+    lr, batch_size = check_sgd_arguments(n, lr, batch_size, sampling)
     lr, batch_size = float(lr), int(batch_size)
     if num_steps < 1 or num_chains < 2:
         raise InputError(f"need num_steps >= 1 and num_chains >= 2, got {num_steps} and {num_chains}")
