@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 RUN_ARGS ?= --scale quick
 
-.PHONY: install test run bench clean
+.PHONY: install test test-integrations run bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(PY) -m pytest -q
+
+# Lightning and TensorBoard add minutes to a fresh install, so they stay out of `make test`.
+test-integrations: install
+	$(PY) -m pip install --quiet -e ".[test,lightning]"
+	$(PY) -m pytest -q tests/integrations
 
 run: install
 	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)

@@ -448,8 +448,7 @@ class Monitor:
         if not force and step % self.every:
             return None
         started = time.perf_counter()
-        with untouched_training_state(self.model):
-            row = {"step": step, **self.measure(self.problem())}
+        row = {"step": step, **self.measure()}
         elapsed = time.perf_counter() - started
         self.total_time_s += elapsed
         row.update(monitor_time_s=elapsed, monitor_total_time_s=self.total_time_s)
@@ -469,13 +468,16 @@ class Monitor:
         self.close()
 
     # ------------------------------------------------------------------------------ one measurement
-    def measure(self, problem: Problem) -> Row:
-        """Every chosen measure of ``problem`` at its model's current parameters, as a flat row.
+    def measure(self, problem: Problem | None = None) -> Row:
+        """Every chosen measure at the model's current parameters, as a flat row of floats.
 
-        ``step`` calls this on the measurement set; a trainer can pass its own Problem (the
-        signature of ``train(measure=...)``). The caller keeps the model's state untouched
-        (``step`` does, through ``untouched_training_state``).
+        On ``problem`` when given (``train(..., measure=monitor.measure)`` passes the trainer's),
+        else on the measurement set; the training state is left untouched either way.
         """
+        with untouched_training_state(self.model):
+            return self._measure(self.problem() if problem is None else problem)
+
+    def _measure(self, problem: Problem) -> Row:
         row: Row = {"measurement_loss": problem.loss()}
         if self.lr is not None:
             row["lr"] = self.lr
