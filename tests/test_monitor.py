@@ -126,6 +126,20 @@ def test_deflated_hutchinson_is_exact_when_the_top_pair_is_the_whole_spectrum():
     assert row["hessian_frobenius"] == pytest.approx(row["lambda_max"], rel=1e-10)
 
 
+def test_lanczos_started_at_an_eigenvector_stops_after_one_product():
+    # The Monitor's warm start rests on top_eigenvalues(init=...): from an exact eigenvector the
+    # Krylov space is invariant at once, so one product gives that eigenvalue with zero residual,
+    # whichever it is: a warm start trusts its start (the Monitor's warm_start docstring says so).
+    matrix = torch.diag(torch.tensor([5.0, 3.0, 2.0, -1.0], dtype=torch.float64))
+    result = sgdstab.top_eigenvalues(sgdstab.DenseOperator(matrix), init=torch.tensor([0.0, 0, 0, 2]))
+    assert result.num_matvecs == 1 and result.values.item() == -1.0
+    # From a start slightly off the top eigenvector Lanczos still converges to the top eigenvalue.
+    near = sgdstab.top_eigenvalues(sgdstab.DenseOperator(matrix), init=torch.tensor([1.0, 1e-3, 1e-3, 1e-3]))
+    assert near.values.item() == pytest.approx(5.0, rel=1e-3) and near.num_matvecs <= 3
+    with pytest.raises(ValueError, match="init must be a finite, nonzero vector of length 4"):
+        sgdstab.top_eigenvalues(sgdstab.DenseOperator(matrix), init=torch.zeros(4))
+
+
 def test_warm_start_needs_at_most_half_the_products_of_a_cold_start():
     # Ten classes: several outlying eigenvalues, so a cold start needs more than a handful of products.
     data = sgdstab.load_dataset("mnist", n=200, targets="onehot", flatten=True, dtype=torch.float64)
