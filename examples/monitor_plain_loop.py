@@ -96,7 +96,7 @@ def plot(history: list[dict[str, float]], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     pairs = [
         ("lambda_max", "two_over_lr", "lambda_max", "2 / eta (GD edge of stability)"),
-        ("hessian_frobenius", "frobenius_bound", "||H||_F", "sqrt(B / mu) / eta (SGD bound)"),
+        ("hessian_frobenius", "frobenius_bound", "||H||_F", "1 / (eta sqrt(p_B mu)) (SGD bound)"),
     ]
     for ax, (value, bound, label, bound_label) in zip(axes, pairs, strict=True):
         ax.plot(steps, [row[value] for row in history], marker="o", markersize=3, label=label)
