@@ -77,6 +77,7 @@ def test_mode_grads_and_random_states_are_restored():
     assert after == (torch.rand(1).item(), np.random.rand(), random.random())
 
 
+@pytest.mark.filterwarnings("ignore:not a minimum")  # stability() at a point along training, on purpose
 def test_every_measure_against_dense_float64_truth(tmp_path):
     x, y = tiny_data()
     model = tiny_model()
@@ -222,6 +223,7 @@ def test_measurement_subset_is_seeded_and_loaders_give_the_same_samples():
         ({"loss": "hinge"}, "loss must be one of"),
         ({"sampling": "shuffled"}, "sampling must be one of"),
         ({"n_measure": 100}, "n_measure=100 exceeds the 24 samples"),
+        ({"batch_size": 25}, "batch_size=25 exceeds the 24 training samples"),
         ({"measures": ["stability"]}, "needs lr and batch_size"),
         ({"sinks": [3]}, "a sink must have write"),
     ],

@@ -396,6 +396,11 @@ class Monitor:
             self.sinks.insert(0, jsonl)
 
     def _check_affordable(self) -> None:
+        if self.batch_size is not None and self.batch_size > self.num_samples:
+            raise InputError(
+                f"batch_size={self.batch_size} exceeds the {self.num_samples} training samples; "
+                "give B of the training loop (and num_samples when data is only a subset)"
+            )
         if "stability" not in self.measures:
             return
         if self.lr is None or self.batch_size is None:
