@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 RUN_ARGS ?= --scale quick
 
-.PHONY: install test lint run bench clean
+.PHONY: install test test-integrations lint run bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy
+
+# Lightning and TensorBoard add minutes to a fresh install, so they stay out of `make test`.
+test-integrations: install
+	$(PY) -m pip install --quiet -e ".[test,lightning]"
+	$(PY) -m pytest -q tests/integrations
 
 run: install
 	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)

@@ -28,6 +28,7 @@ from sgdstab.estimators import (
 )
 from sgdstab.io import RunFolder
 from sgdstab.models import build_model
+from sgdstab.monitor import Monitor
 from sgdstab.operators import DenseOperator, LinearOperator, gauss_newton, hessian, noise_covariance, ntk
 from sgdstab.problem import Problem, ProblemError
 from sgdstab.stability import (
@@ -59,6 +60,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DenseOperator",
     "LinearOperator",
+    "Monitor",
     "Problem",
     "ProblemError",
     "RunFolder",

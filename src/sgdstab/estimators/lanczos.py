@@ -125,6 +125,7 @@ def top_eigenvalues(
     max_iter: int | None = None,
     seed: int | None = 0,
     generator: torch.Generator | None = None,
+    init: Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator: Lanczos, full reorthogonalisation.
 
@@ -135,8 +136,9 @@ def top_eigenvalues(
     1998, ch. 13). That residual bounds the distance from theta to an eigenvalue of A, so each
     value is within relative ``tol`` of the spectrum; it costs no extra operator application.
     ``max_iter`` (default ``min(d, max(300, 10 k))``) caps the Krylov dimension and memory;
-    ``converged`` is False if it was reached first. The start vector is Gaussian, drawn from
-    ``generator`` or a generator seeded with ``seed``.
+    ``converged`` is False if it was reached first. The start vector is ``init`` when given (a
+    warm start, e.g. the top eigenvector at a nearby point, converges in fewer products), else
+    Gaussian, drawn from ``generator`` or a generator seeded with ``seed``.
 
     An eigenvalue of exact multiplicity r > 1 is found once: a single Krylov space holds one
     direction of its eigenspace. Near-multiplicities are resolved.
@@ -151,7 +153,15 @@ def top_eigenvalues(
 
     generator = make_generator(op, seed, generator)
     matvecs_before = op.num_matvecs
-    process = LanczosProcess(op, gaussian(op, 1, generator), generator)
+    if init is None:
+        start = gaussian(op, 1, generator)
+    elif init.shape != (op.size,) or not bool(torch.isfinite(init).all()) or not bool(init.any()):
+        raise ValueError(
+            f"init must be a finite, nonzero vector of length {op.size}, got shape {tuple(init.shape)}"
+        )
+    else:
+        start = init.detach().reshape(-1, 1).to(device=op.device, dtype=op.dtype)
+    process = LanczosProcess(op, start, generator)
     while True:
         process.step()
         if process.num_steps < wanted:
