@@ -21,7 +21,7 @@ import torch.multiprocessing
 
 from distributed_problems import CHUNK_SIZE, model_and_data, whole_problem
 from sgdstab.alignment import alignment
-from sgdstab.distributed import ShardedProblem, shard_bounds
+from sgdstab.distributed import ShardedProblem, broadcast_from_main, shard_bounds
 from sgdstab.errors import InputError
 from sgdstab.estimators import (
     frobenius_norm,
@@ -119,6 +119,7 @@ def _rank_checks(rank: int, port: int, folder: str) -> None:
             "refusals": _refusals(problem),
             "shard sizes": problem.shard_sizes,
             "num samples": problem.num_samples,
+            "broadcast": broadcast_from_main({"rank": rank}),
         }
         try:  # rank 1 brings no sample
             ShardedProblem(model, inputs if rank == 0 else inputs[:0], targets if rank == 0 else targets[:0])
@@ -178,6 +179,10 @@ def test_ranks_return_bitwise_identical_results(ranks):
     first, second = ranks[0]["measurements"], ranks[1]["measurements"]
     different = [name for name in first if not torch.equal(first[name], second[name])]
     assert not different
+
+
+def test_broadcast_from_main_gives_rank_0s_value_everywhere(ranks):
+    assert [rank["broadcast"] for rank in ranks] == [{"rank": 0}, {"rank": 0}]
 
 
 def test_a_rank_without_samples_is_named_on_every_rank(ranks):
