@@ -9,7 +9,8 @@ lambda_max (``top_eigenvalues(k=1, tol=1e-3)``). Baseline and distributed runs a
 the speed-up (median over repeats of baseline time / distributed time) is robust to a shared,
 noisy machine. The time in ``all_reduce`` is measured inside ``reduce_sum``, after a barrier
 that absorbs the ranks' imbalance (reported separately as "wait"), so "all_reduce" is the
-communication alone. Workload: an MLP with tanh on Gaussian inputs, square loss, float32, chunks
+communication alone. "CPU ratio" is the baseline's CPU time over rank 0's: the share of the
+work one rank does, which a loaded machine leaves intact while it stretches wall times. Workload: an MLP with tanh on Gaussian inputs, square loss, float32, chunks
 of 1024 samples. Writes ``benchmarks/results/distributed.json``.
 """
 
@@ -68,15 +69,17 @@ def _workload(n: int, widths: list[int]) -> tuple[nn.Module, Tensor, Tensor]:
     return model, inputs, targets
 
 
-def _apply(kind: str, problem: Problem, vector: Tensor) -> tuple[float, Tensor, int]:
-    """Seconds, result and Hessian products of one full-data HVP ("hvp") or Lanczos lambda_max."""
+def _apply(kind: str, problem: Problem, vector: Tensor) -> tuple[float, float, Tensor, int]:
+    """Wall and CPU seconds, result and Hessian products of one full-data HVP ("hvp") or Lanczos
+    lambda_max.
+    """
     operator = hessian(problem, cache_graph=False)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if kind == "hvp":
         result = operator @ vector
     else:
         result = top_eigenvalues(operator, k=1, tol=1e-3, seed=0).values
-    return time.perf_counter() - start, result, operator.num_matvecs
+    return time.perf_counter() - start, time.process_time() - cpu_start, result, operator.num_matvecs
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, folder: str) -> None:
@@ -92,16 +95,18 @@ def _rank(rank: int, port: int, args: argparse.Namespace, folder: str) -> None:
         for _ in range(repeats + 1):  # the first repeat warms up and is dropped
             dist.barrier()
             if rank == 0:
-                single_s, single, _ = _apply(kind, whole, vector)
+                single_s, single_cpu_s, single, _ = _apply(kind, whole, vector)
             dist.barrier()
             sharded.wait_s = sharded.all_reduce_s = 0.0
-            sharded_s, result, matvecs = _apply(kind, sharded, vector)
+            sharded_s, sharded_cpu_s, result, matvecs = _apply(kind, sharded, vector)
             if rank == 0:
                 difference = ((result - single).norm() / single.norm()).item()
                 rows[kind].append(
                     {
                         "single_s": single_s,
                         "sharded_s": sharded_s,
+                        "single_cpu_s": single_cpu_s,
+                        "sharded_cpu_s": sharded_cpu_s,
                         "all_reduce_s": sharded.all_reduce_s,
                         "wait_s": sharded.wait_s,
                         "matvecs": matvecs,
@@ -120,6 +125,7 @@ def _summary(rows: list[dict]) -> dict:
         "single_s": statistics.median(r["single_s"] for r in rows),
         "sharded_s": statistics.median(r["sharded_s"] for r in rows),
         "speedup": statistics.median(r["single_s"] / r["sharded_s"] for r in rows),
+        "cpu_ratio": statistics.median(r["single_cpu_s"] / r["sharded_cpu_s"] for r in rows),
         "all_reduce_share": statistics.median(r["all_reduce_s"] / r["sharded_s"] for r in rows),
         "wait_share": statistics.median(r["wait_s"] / r["sharded_s"] for r in rows),
         "matvecs": statistics.median(r["matvecs"] for r in rows),
@@ -134,12 +140,15 @@ def print_table(results: dict) -> None:
         f"{results['args']['lanczos_repeats']} (Lanczos) repeats; load average before "
         f"{results['load_before']}, after {results['load_after']} on {results['cpu_count']} CPUs"
     )
-    header = f"{'':<18}{'1 rank s':>10}{'2 ranks s':>11}{'speed-up':>10}{'all_reduce':>12}{'wait':>8}{'rel. diff':>11}"
+    header = (
+        f"{'':<18}{'1 rank s':>10}{'2 ranks s':>11}{'speed-up':>10}{'CPU ratio':>11}"
+        f"{'all_reduce':>12}{'wait':>8}{'rel. diff':>11}"
+    )
     print(header)
     for name, label in (("hvp", "full-data HVP"), ("lanczos", "Lanczos lam_max")):
         s = results["summary"][name]
         print(
-            f"{label:<18}{s['single_s']:>10.3f}{s['sharded_s']:>11.3f}{s['speedup']:>9.2f}x"
+            f"{label:<18}{s['single_s']:>10.3f}{s['sharded_s']:>11.3f}{s['speedup']:>9.2f}x{s['cpu_ratio']:>10.2f}x"
             f"{s['all_reduce_share']:>11.1%}{s['wait_share']:>8.1%}{s['max_relative_difference']:>11.1e}"
         )
 
