@@ -280,11 +280,14 @@ def measure(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Curvature summary at a point: lambda_max, top-k, tr H, ||H||_F, spectral density, mu."""
+    from sgdstab.distributed import is_main_process, shard_if_launched
     from sgdstab.summary import curvature_summary
 
     with user_errors():
-        loaded = load_problem(run, problem, device)
-        with console.status("measuring", spinner="dots") if not as_json else contextlib.nullcontext():
+        # Under torchrun (WORLD_SIZE > 1) each rank measures on its shard; rank 0 alone prints.
+        loaded = shard_if_launched(load_problem(run, problem, device))
+        quiet = as_json or not is_main_process()
+        with console.status("measuring", spinner="dots") if not quiet else contextlib.nullcontext():
             summary = curvature_summary(
                 loaded,
                 top_k=top_k,
@@ -294,7 +297,8 @@ def measure(
                 operator=operator,
                 alignment=None if alignment == "none" else alignment,
             )
-    _emit(summary.to_dict(), as_json, f"curvature summary ({operator})")
+    if is_main_process():
+        _emit(summary.to_dict(), as_json, f"curvature summary ({operator})")
 
 
 @app.command()

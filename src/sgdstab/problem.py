@@ -222,7 +222,8 @@ class Problem:
         """
         if self.loss_name == "cross_entropy":
             return math.log(self.num_outputs)
-        total = sum(0.5 * y.to(torch.float64).pow(2).sum().item() for _, y in self.chunks())
+        local = sum(0.5 * y.to(torch.float64).pow(2).sum().item() for _, y in self.chunks())
+        total = self.reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).item()
         return total / self.num_samples
 
     # ----------------------------------------------------------------------------- checks
@@ -360,7 +361,7 @@ class Problem:
             yield from self._checked_loader_pass()
             return
         assert self._inputs is not None and self._targets is not None
-        for i in range(0, self.num_samples, self.chunk_size):
+        for i in range(0, len(self._inputs), self.chunk_size):
             yield (
                 self._to_device(self._inputs[i : i + self.chunk_size]),
                 self._to_device(self._targets[i : i + self.chunk_size]),
@@ -430,9 +431,10 @@ class Problem:
         theta = self.parameters() if theta is None else theta
         with torch.no_grad():
             # Summed in float64 so the chunking changes only the forward pass's own rounding.
-            total = sum(
+            local = sum(
                 self.per_sample_losses(theta, x, y).to(torch.float64).sum().item() for x, y in self.chunks()
             )
+        total = self.reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).item()
         value = total / self.num_samples
         if not math.isfinite(value):
             raise ProblemError(
@@ -446,20 +448,39 @@ class Problem:
         total = torch.zeros_like(theta)
         for x, y in self.chunks():
             total += torch.func.grad(self.chunk_loss_sum)(theta, x, y)
-        return total / self.num_samples
+        return self.reduce_sum(total) / self.num_samples
 
     def outputs(self, theta: Tensor | None = None) -> Tensor:
         """Model outputs on the whole data set, shape (n, *output_shape)."""
         theta = self.parameters() if theta is None else theta
         with torch.no_grad():
-            return torch.cat([self.forward(theta, x) for x, _ in self.chunks()])
+            return self.gather_samples(torch.cat([self.forward(theta, x) for x, _ in self.chunks()]))
 
     def residuals(self, theta: Tensor | None = None) -> Tensor:
         """Square-loss residuals e_i = f(x_i) - y_i, shape (n, C) (SPEC.md section 1)."""
         self.require_square_loss("residuals")
         theta = self.parameters() if theta is None else theta
         with torch.no_grad():
-            return torch.cat([(self.forward(theta, x) - y).reshape(len(x), -1) for x, y in self.chunks()])
+            local = torch.cat([(self.forward(theta, x) - y).reshape(len(x), -1) for x, y in self.chunks()])
+        return self.gather_samples(local)
+
+    # ----------------------------------------------------------------------------- data parallelism
+    # Hooks through which every sum over the data passes. One process holds all of the data, so
+    # they are identities here; ``sgdstab.distributed.ShardedProblem`` reduces across ranks.
+    def reduce_sum(self, local: Tensor) -> Tensor:
+        """The sum over all processes of a partial sum over this process's samples."""
+        return local
+
+    def gather_samples(self, local: Tensor) -> Tensor:
+        """Rows of per-sample values (leading index: this process's samples) for all n samples."""
+        return local
+
+    def local_samples(self, rows: Tensor) -> Tensor:
+        """The rows of this process's samples out of per-sample values for all n samples."""
+        return rows
+
+    def require_whole_data(self, what: str) -> None:
+        """Refuse ``what`` (a computation that needs every sample in one process) on a shard."""
 
     def require_square_loss(self, what: str) -> None:
         if self.loss_name != "mse":

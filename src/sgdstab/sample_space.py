@@ -76,6 +76,7 @@ def gram_matrix(
 
     Raises ResourceLimitError (with ``hint`` appended) when K itself does not fit ``max_gram_entries``.
     """
+    problem.require_whole_data(f"the sample-space NTK K ({hint})")
     check_gram_fits(problem, max_gram_entries, hint)
     theta = (problem.parameters() if theta is None else theta).detach()
     size = problem.num_samples * problem.num_outputs

@@ -30,7 +30,7 @@ class GaussNewtonOperator(LinearOperator):
                 if curvature is not None:
                     jv = (curvature @ jv.unsqueeze(-1)).squeeze(-1)
                 result[:, j] += chunk.vjp(jv)
-        return result / self.problem.num_samples
+        return self.problem.reduce_sum(result) / self.problem.num_samples
 
 
 def gauss_newton(problem: Problem, theta: Tensor | None = None) -> GaussNewtonOperator:

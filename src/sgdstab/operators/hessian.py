@@ -61,7 +61,7 @@ class HessianOperator(LinearOperator):
                 )
                 for theta, grad in self._gradient_graphs()
             )
-        return result / self.problem.num_samples
+        return self.problem.reduce_sum(result) / self.problem.num_samples
 
     def _gradient_graphs(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(theta leaf, gradient built with create_graph) per chunk, from the cache when kept."""

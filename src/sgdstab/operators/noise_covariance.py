@@ -29,7 +29,7 @@ class NoiseCovarianceOperator(LinearOperator):
             chunk = ChunkLinearization(lambda t: self.problem.per_sample_losses(t, x, y), self.theta)
             for j, column in enumerate(columns.T):
                 result[:, j] += chunk.vjp(chunk.jvp(column))
-        result /= self.problem.num_samples
+        result = self.problem.reduce_sum(result) / self.problem.num_samples
         return result - torch.outer(self.mean_gradient, self.mean_gradient @ columns)
 
 

@@ -22,6 +22,7 @@ class NTKOperator(LinearOperator):
         self.theta = (problem.parameters() if theta is None else theta).detach()
 
     def _chunk_linearizations(self):
+        """(rows among this process's samples, linearization) per chunk."""
         start = 0
         for x, _ in self.problem.chunks():
             rows = slice(start * self.problem.num_outputs, (start + len(x)) * self.problem.num_outputs)
@@ -31,19 +32,25 @@ class NTKOperator(LinearOperator):
     def transpose_jacobian(self, columns: Tensor) -> Tensor:
         """J^T U for sample-space columns U (nC, k); returns (p, k)."""
         result = torch.zeros(self.problem.num_params, columns.shape[1], dtype=self.dtype, device=self.device)
+        outputs = self.problem.num_outputs
+        local = self.problem.local_samples(columns.reshape(-1, outputs, columns.shape[1]))
+        columns = local.reshape(-1, columns.shape[1])
         for rows, chunk in self._chunk_linearizations():
             block = columns[rows]
             for j in range(columns.shape[1]):
                 result[:, j] += chunk.vjp(block[:, j].reshape(chunk.outputs.shape))
-        return result
+        return self.problem.reduce_sum(result)
 
     def jacobian(self, columns: Tensor) -> Tensor:
         """J W for parameter-space columns W (p, k); returns (nC, k)."""
-        result = torch.empty(self.size, columns.shape[1], dtype=self.dtype, device=self.device)
-        for rows, chunk in self._chunk_linearizations():
-            for j, column in enumerate(columns.T):
-                result[rows, j] = chunk.jvp(column).reshape(-1)
-        return result
+        local = torch.cat(
+            [
+                torch.stack([chunk.jvp(column).reshape(-1) for column in columns.T], dim=1)
+                for _, chunk in self._chunk_linearizations()
+            ]
+        )
+        per_sample = local.reshape(-1, self.problem.num_outputs, columns.shape[1])
+        return self.problem.gather_samples(per_sample).reshape(self.size, -1)
 
     def _matmat(self, columns: Tensor) -> Tensor:
         return self.jacobian(self.transpose_jacobian(columns))
