@@ -21,8 +21,10 @@ class InputError(SgdstabError, ValueError):
 
 
 class DataError(SgdstabError, ValueError):
-    """The data (inputs, targets) or the weights cannot give a meaningful number: non-finite
-    values, a loader that changes between passes, a diverged run."""
+    """The data (inputs, targets) or the weights cannot give a meaningful number.
+
+    Non-finite values, a loader that changes between passes, a diverged run.
+    """
 
 
 class DataNotFoundError(SgdstabError, FileNotFoundError):
@@ -34,5 +36,7 @@ class RunFolderError(SgdstabError, ValueError):
 
 
 class ResourceLimitError(SgdstabError, MemoryError):
-    """A computation would exceed a size budget (dense matrices, Gram matrices); the message names
-    the budget argument and the matrix-free alternative."""
+    """A computation would exceed a size budget (dense matrices, Gram matrices).
+
+    The message names the budget argument and the matrix-free alternative.
+    """

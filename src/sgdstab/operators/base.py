@@ -33,10 +33,6 @@ class LinearOperator:
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
-    #: The Problem (and point) an operator is built on; its first product checks them for NaN/inf
-    #: (``Problem.check_finite``), so non-finite data fails with its name, not in an eigensolver.
-    problem: Problem | None = None
-    theta: Tensor
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.shape = (int(size), int(size))
@@ -47,6 +43,9 @@ class LinearOperator:
     def _matmat(self, columns: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _check_first_product(self) -> None:
+        """Hook run before the first product (see ``ProblemOperator``)."""
+
     def __matmul__(self, v: Tensor) -> Tensor:
         if not isinstance(v, Tensor):
             raise TypeError(f"{type(self).__name__} @ v needs a torch.Tensor, got {type(v).__name__}")
@@ -56,8 +55,8 @@ class LinearOperator:
                 f"{self.shape[1]} or a matrix with {self.shape[1]} rows, got shape {tuple(v.shape)}"
             )
         columns = v.reshape(v.shape[0], -1).to(device=self.device, dtype=self.dtype)
-        if self.num_matvecs == 0 and self.problem is not None:
-            self.problem.check_finite(self.theta)
+        if self.num_matvecs == 0:
+            self._check_first_product()
         self.num_matvecs += columns.shape[1]
         result = self._matmat(columns)
         return result.reshape(-1) if v.ndim == 1 else result
@@ -119,3 +118,20 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES, block_size: int = 64) -> Tensor:
         return self.matrix.clone()
+
+
+class ProblemOperator(LinearOperator):
+    """An operator built on a Problem at a fixed point theta (default: the model's parameters).
+
+    Its first product checks the data, the point and the outputs for NaN/inf
+    (``Problem.check_finite``), so non-finite data fails with its name rather than deep inside an
+    eigensolver. ``size`` defaults to the number of parameters (sample-space operators pass nC).
+    """
+
+    def __init__(self, problem: Problem, theta: Tensor | None = None, size: int | None = None):
+        super().__init__(problem.num_params if size is None else size, problem.dtype, problem.device)
+        self.problem = problem
+        self.theta = (problem.parameters() if theta is None else theta).detach()
+
+    def _check_first_product(self) -> None:
+        self.problem.check_finite(self.theta)

@@ -6,24 +6,24 @@ Lambda_i = diag(p_i) - p_i p_i^T, the generalized Gauss-Newton of Schraudolph (2
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.base import ProblemOperator
 from sgdstab.operators.linearization import ChunkLinearization
 from sgdstab.problem import Problem, output_hessian
 
 
-class GaussNewtonOperator(LinearOperator):
+class GaussNewtonOperator(ProblemOperator):
     def __init__(self, problem: Problem, theta: Tensor | None = None):
-        super().__init__(problem.num_params, problem.dtype, problem.device)
-        self.problem = problem
-        self.theta = (problem.parameters() if theta is None else theta).detach()
+        super().__init__(problem, theta)
 
     def _matmat(self, columns: Tensor) -> Tensor:
         result = torch.zeros_like(columns)
         for x, _ in self.problem.chunks():
-            chunk = ChunkLinearization(lambda t: self.problem.forward(t, x), self.theta)
+            chunk = ChunkLinearization(partial(self.problem.forward, x=x), self.theta)
             curvature = output_hessian(self.problem.loss_name, chunk.outputs.detach())
             for j, column in enumerate(columns.T):
                 jv = chunk.jvp(column)

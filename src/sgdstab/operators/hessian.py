@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.base import ProblemOperator
 from sgdstab.problem import Problem, ProblemError
 
 HESSIAN_BACKENDS = ("double_backward", "forward_over_reverse")
 
 
-class HessianOperator(LinearOperator):
+class HessianOperator(ProblemOperator):
     """H v = (1/n) sum over chunks of the Hessian-vector product of the chunk's summed loss.
 
     Backends (Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
@@ -42,9 +42,7 @@ class HessianOperator(LinearOperator):
             raise ProblemError(
                 "cache_graph=True needs backend='double_backward' (forward_over_reverse keeps no graph)"
             )
-        super().__init__(problem.num_params, problem.dtype, problem.device)
-        self.problem = problem
-        self.theta = (problem.parameters() if theta is None else theta).detach()
+        super().__init__(problem, theta)
         self.backend = backend
         if cache_graph is None:
             cache_graph = backend == "double_backward" and problem.num_samples <= problem.chunk_size

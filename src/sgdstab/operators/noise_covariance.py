@@ -8,25 +8,25 @@ the per-sample losses weighted by c.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.base import ProblemOperator
 from sgdstab.operators.linearization import ChunkLinearization
 from sgdstab.problem import Problem
 
 
-class NoiseCovarianceOperator(LinearOperator):
+class NoiseCovarianceOperator(ProblemOperator):
     def __init__(self, problem: Problem, theta: Tensor | None = None):
-        super().__init__(problem.num_params, problem.dtype, problem.device)
-        self.problem = problem
-        self.theta = (problem.parameters() if theta is None else theta).detach()
+        super().__init__(problem, theta)
         self.mean_gradient = problem.gradient(self.theta)
 
     def _matmat(self, columns: Tensor) -> Tensor:
         result = torch.zeros_like(columns)
         for x, y in self.problem.chunks():
-            chunk = ChunkLinearization(lambda t: self.problem.per_sample_losses(t, x, y), self.theta)
+            chunk = ChunkLinearization(partial(self.problem.per_sample_losses, x=x, y=y), self.theta)
             for j, column in enumerate(columns.T):
                 result[:, j] += chunk.vjp(chunk.jvp(column))
         result = self.problem.reduce_sum(result) / self.problem.num_samples

@@ -7,19 +7,19 @@ costs one VJP pass and one JVP pass over the data; no Jacobian is stored.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from sgdstab.operators.base import LinearOperator
+from sgdstab.operators.base import ProblemOperator
 from sgdstab.operators.linearization import ChunkLinearization
 from sgdstab.problem import Problem
 
 
-class NTKOperator(LinearOperator):
+class NTKOperator(ProblemOperator):
     def __init__(self, problem: Problem, theta: Tensor | None = None):
-        super().__init__(problem.num_samples * problem.num_outputs, problem.dtype, problem.device)
-        self.problem = problem
-        self.theta = (problem.parameters() if theta is None else theta).detach()
+        super().__init__(problem, theta, size=problem.num_samples * problem.num_outputs)
 
     def _chunk_linearizations(self):
         """(rows among this process's samples, linearization) per chunk."""
@@ -27,7 +27,7 @@ class NTKOperator(LinearOperator):
         for x, _ in self.problem.chunks():
             rows = slice(start * self.problem.num_outputs, (start + len(x)) * self.problem.num_outputs)
             start += len(x)
-            yield rows, ChunkLinearization(lambda t: self.problem.forward(t, x), self.theta)
+            yield rows, ChunkLinearization(partial(self.problem.forward, x=x), self.theta)
 
     def transpose_jacobian(self, columns: Tensor) -> Tensor:
         """J^T U for sample-space columns U (nC, k); returns (p, k)."""
