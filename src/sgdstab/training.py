@@ -43,6 +43,7 @@ stopping at ``max_steps`` and continuing leaves no extra row in the middle of th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,7 +54,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sgdstab.io import METRICS_FILE, append_jsonl, atomic_write, write_jsonl_atomic
+from sgdstab.errors import InputError, RunFolderError
+from sgdstab.io import (
+    METRICS_FILE,
+    append_jsonl,
+    atomic_write,
+    load_checkpoint,
+    remove_temporaries,
+    write_jsonl_atomic,
+)
 from sgdstab.problem import Problem, per_sample_loss
 
 SAMPLINGS = ("with_replacement", "without_replacement")
@@ -62,8 +71,13 @@ STATUSES = ("converged", "diverged", "max_steps")
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_CHECKPOINT_EVERY = 1000
 _RESERVED_KEYS = ("step", "epoch", "loss", "accuracy")
-# What fixes a trajectory: a checkpoint resumes only a run that agrees on all of it.
-_IDENTITY_KEYS = ("lr", "batch_size", "sampling", "seed", "loss", "num_samples", "num_params")
+# What fixes a trajectory besides the settings: a checkpoint resumes only a run that agrees on all of it.
+_FINGERPRINTS = {
+    "inputs": "the inputs",
+    "targets": "the targets",
+    "architecture": "the model's architecture (layers, activations, parameter shapes)",
+    "initial_weights": "the model's initial weights",
+}
 
 Measure = Callable[[Problem], dict[str, float]]
 
@@ -77,7 +91,7 @@ METRICS: dict[str, Callable[[Problem], float]] = {
 def register_metric(name: str, metric: Callable[[Problem], float]) -> None:
     """Make ``metric(problem) -> float`` available as ``train(measure=[name])`` (e.g. "lambda_max", "mu")."""
     if name in _RESERVED_KEYS:
-        raise ValueError(
+        raise InputError(
             f"{name!r} is recorded by the trainer itself; register the metric under another name"
         )
     METRICS[name] = metric
@@ -94,9 +108,9 @@ class BatchSampler:
 
     def __init__(self, num_samples: int, batch_size: int, sampling: str, seed: int = 0):
         if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+            raise InputError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
         if not 1 <= batch_size <= num_samples:
-            raise ValueError(
+            raise InputError(
                 f"batch_size must be between 1 and the number of samples {num_samples}, got {batch_size}"
             )
         self.num_samples = num_samples
@@ -236,7 +250,7 @@ def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list
         elif item in METRICS:
             resolved.append(lambda problem, name=item: {name: METRICS[name](problem)})
         else:
-            raise ValueError(
+            raise InputError(
                 f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
             )
     return resolved
@@ -260,10 +274,74 @@ def _sgd_step(
             p.sub_(g, alpha=lr / batch_size)
 
 
+def fingerprint(*tensors: Tensor) -> str:
+    """A short hash of the values, dtypes and shapes of ``tensors`` (the identity of data or weights)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _run_identity(
+    settings: dict[str, Any], model: nn.Module, inputs: Tensor, targets: Tensor
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the settings, the data and the initial model."""
+    architecture = repr(model) + "".join(f"{name}{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {
+        **settings,
+        "inputs": fingerprint(inputs),
+        "targets": fingerprint(targets),
+        "architecture": hashlib.blake2b(architecture.encode(), digest_size=8).hexdigest(),
+        "initial_weights": fingerprint(*model.state_dict().values()),
+    }
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that can run training here; InputError naming it otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"device {device!r} is not a torch device; use cpu, cuda or cuda:<index>, mps"
+        ) from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }
+    if resolved.type not in available:
+        raise InputError(f"device {device!r} cannot run training (only cpu, cuda and mps can)")
+    if not available[resolved.type]:
+        raise InputError(f"device {device!r} is not available in this torch build or machine; use device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return resolved
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_train_arguments(
+    lr: float, max_steps: int, loss_goal: float | None, sampling: str, divergence_factor: float = 1e3
+) -> None:
+    """InputError with a one-line reason for an argument of ``train`` it cannot use (all checked here)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise InputError(f"max_steps must be an integer >= 0, got {max_steps!r}")
+    if loss_goal is not None and not loss_goal >= 0:
+        raise InputError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
+    if not divergence_factor > 1:
+        raise InputError(
+            f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
+        )
+    if sampling not in SAMPLINGS:
+        raise InputError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
 
 
 # ============================================================================ the loop
@@ -314,24 +392,13 @@ def train(
             zero-predictor loss); ``math.inf`` keeps only the non-finite test.
         progress: called with each history row as it is recorded.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}")
-    if loss_goal is not None and not loss_goal >= 0:
-        raise ValueError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
-    if not divergence_factor > 1:
-        raise ValueError(
-            f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
-        )
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    check_train_arguments(lr, max_steps, loss_goal, sampling, divergence_factor)
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
     n = problem.num_samples
     if batch_size is not None:
         _check_positive_int("batch_size", batch_size)
         if batch_size > n:
-            raise ValueError(
+            raise InputError(
                 f"batch_size={batch_size} is larger than the {n} samples; use batch_size=None for full-batch GD"
             )
     full_batch = batch_size is None or (batch_size == n and sampling == "without_replacement")
@@ -344,95 +411,64 @@ def train(
         "measure_every", measure_every if measure_every is not None else eval_every
     )
     checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
-    measures = _resolve_measures(measure)
     params = [p for p in model.parameters() if p.requires_grad]
-    accuracy_kind = _accuracy_kind(problem)
-    identity = {
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "sampling": FULL_BATCH if full_batch else sampling,
-        "seed": seed,
-        "loss": loss,
-        "num_samples": n,
-        "num_params": problem.num_params,
-    }
-
-    def judge(loss_value: float, reference: float) -> str | None:
-        if not math.isfinite(loss_value) or loss_value > divergence_factor * reference:
-            return "diverged"
-        if loss_goal is not None and loss_value <= loss_goal:
-            return "converged"
-        return None
-
-    def record(step: int, with_measures: bool, reference: float) -> tuple[dict[str, float], str | None]:
-        loss_value, accuracy = _evaluate(model, problem, accuracy_kind)
-        row = {"step": step, "epoch": step * batch_size / n, "loss": loss_value}
-        if accuracy is not None:
-            row["accuracy"] = accuracy
-        status = judge(loss_value, reference)
-        if with_measures and status != "diverged":
-            for m in measures:
-                values = m(problem)
-                clash = set(values) & set(_RESERVED_KEYS)
-                if clash:
-                    raise ValueError(
-                        f"a measure returned {sorted(clash)}, which the trainer records itself; rename them"
-                    )
-                row.update({k: float(v) for k, v in values.items()})
-        return row, status
-
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    metrics_path = Path(checkpoint_dir) / METRICS_FILE if checkpoint_dir is not None else None
-    state = (
-        _load_checkpoint(checkpoint, identity, model, sampler) if checkpoint is not None and resume else None
+    recorder = _Recorder(model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size)
+    identity = _run_identity(
+        {
+            "lr": float(lr),
+            "batch_size": batch_size,
+            "sampling": FULL_BATCH if full_batch else sampling,
+            "seed": seed,
+            "loss": loss,
+            "num_samples": n,
+            "num_params": problem.num_params,
+        },
+        model,
+        inputs,
+        targets,
     )
+    store = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), identity)
+    state = store.restore(model, sampler, max_steps) if store is not None and resume else None
     started = time.perf_counter()
     if state is None:
         step, history, final, previous_time = 0, [], None, 0.0
         # The reference includes the initial loss itself, so at step 0 only a non-finite loss diverges.
-        row, status = record(0, True, reference=math.inf)
+        row, status = recorder.record(0, True)
         initial_loss = row["loss"]
-        reference = (
+        recorder.reference = (
             max(initial_loss, _zero_predictor_loss(problem)) if math.isfinite(initial_loss) else math.inf
         )
         history.append(row)
     else:
         step, history, final, status = state["step"], state["history"], state["final"], state["status"]
-        initial_loss, reference, previous_time = (
+        initial_loss, recorder.reference, previous_time = (
             state["initial_loss"],
             state["reference"],
             state["wall_time_s"],
         )
-        if step > max_steps:
-            raise ValueError(
-                f"the checkpoint in {checkpoint_dir} is at step {step}, past max_steps={max_steps}; "
-                "raise max_steps, or pass resume=False to start over"
-            )
         if status == "max_steps" and step < max_steps:
             status, final = None, None
     resumed_from = step
-    if metrics_path is not None:
-        write_jsonl_atomic(metrics_path, history)
+    if store is not None:
+        store.write_metrics(history)
     if progress is not None and state is None:
         progress(history[0])
 
     def save(run_status: str | None) -> None:
-        if checkpoint is None:
-            return
-        payload = {
-            "identity": identity,
-            "step": step,
-            "status": run_status,
-            "model": model.state_dict(),
-            "sampler": None if sampler is None else sampler.state_dict(),
-            "history": history,
-            "final": final,
-            "initial_loss": initial_loss,
-            "reference": reference,
-            "wall_time_s": previous_time + time.perf_counter() - started,
-        }
-        with atomic_write(checkpoint, "wb") as f:
-            torch.save(payload, f)
+        if store is not None:
+            store.save(
+                {
+                    "step": step,
+                    "status": run_status,
+                    "model": model.state_dict(),
+                    "sampler": None if sampler is None else sampler.state_dict(),
+                    "history": history,
+                    "final": final,
+                    "initial_loss": initial_loss,
+                    "reference": recorder.reference,
+                    "wall_time_s": previous_time + time.perf_counter() - started,
+                }
+            )
 
     device, dtype = problem.device, problem.dtype
     while status is None and step < max_steps:
@@ -448,10 +484,10 @@ def train(
         step += 1
         measuring = step % measure_every == 0
         if measuring or step % eval_every == 0:
-            row, status = record(step, measuring, reference)
+            row, status = recorder.record(step, measuring)
             history.append(row)
-            if metrics_path is not None:
-                append_jsonl(metrics_path, row)
+            if store is not None:
+                store.append_metrics(row)
             if progress is not None:
                 progress(row)
         if status is None and step % checkpoint_every == 0:
@@ -460,13 +496,13 @@ def train(
     if final is None:
         last = history[-1]
         reusable = last["step"] == step and (
-            step % measure_every == 0 or not measures or status == "diverged"
+            step % measure_every == 0 or not recorder.measures or status == "diverged"
         )
         if reusable:
             final = last
         else:
             # The last step may fall between evaluations: its loss decides convergence or divergence too.
-            final, final_status = record(step, True, reference)
+            final, final_status = recorder.record(step, True)
             status = status or final_status
     status = status or "max_steps"
     if state is None or step > resumed_from or status != state["status"]:
@@ -489,23 +525,100 @@ def train(
     )
 
 
-def _load_checkpoint(
-    path: Path, identity: dict[str, Any], model: nn.Module, sampler: BatchSampler | None
-) -> dict | None:
-    """Restore model and sampler from ``path`` and return the run's state; None when there is no checkpoint."""
-    if not path.exists():
+class _Recorder:
+    """The evaluation part of ``train``: full-data loss, accuracy and measures, and the run's verdict."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        problem: Problem,
+        measures: list[Measure],
+        loss_goal: float | None,
+        divergence_factor: float,
+        batch_size: int,
+    ):
+        self.model, self.problem, self.measures = model, problem, measures
+        self.loss_goal, self.divergence_factor, self.batch_size = loss_goal, divergence_factor, batch_size
+        self.accuracy_kind = _accuracy_kind(problem)
+        #: The loss a diverged run exceeds divergence_factor times; set once the initial loss is known.
+        self.reference = math.inf
+
+    def judge(self, loss_value: float) -> str | None:
+        """The verdict on a full-data loss: "diverged", "converged" or None (go on)."""
+        if not math.isfinite(loss_value) or loss_value > self.divergence_factor * self.reference:
+            return "diverged"
+        if self.loss_goal is not None and loss_value <= self.loss_goal:
+            return "converged"
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differing = {
-        k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v
-    }
-    if differing:
-        described = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differing.items())
-        raise ValueError(
-            f"the checkpoint in {path.parent} belongs to another run ({described}); "
-            "use another checkpoint_dir, or pass resume=False to overwrite it"
-        )
-    model.load_state_dict(state["model"])
-    if sampler is not None:
-        sampler.load_state_dict(state["sampler"])
-    return state
+
+    def record(self, step: int, with_measures: bool) -> tuple[dict[str, float], str | None]:
+        """The history row at ``step`` and the verdict on its loss."""
+        n = self.problem.num_samples
+        loss_value, accuracy = _evaluate(self.model, self.problem, self.accuracy_kind)
+        row = {"step": step, "epoch": step * self.batch_size / n, "loss": loss_value}
+        if accuracy is not None:
+            row["accuracy"] = accuracy
+        status = self.judge(loss_value)
+        if with_measures and status != "diverged":
+            for m in self.measures:
+                values = m(self.problem)
+                clash = set(values) & set(_RESERVED_KEYS)
+                if clash:
+                    raise InputError(
+                        f"a measure returned {sorted(clash)}, which the trainer records itself; rename them"
+                    )
+                row.update({k: float(v) for k, v in values.items()})
+        return row, status
+
+
+class _Checkpoint:
+    """The checkpoint part of ``train``: ``checkpoint.pt`` and ``metrics.jsonl`` in a run folder.
+
+    A checkpoint is resumed only by a run with the same identity (settings, data and initial
+    model, see ``_run_identity``); anything else is refused with what differs.
+    """
+
+    def __init__(self, folder: Path, identity: dict[str, Any]):
+        self.folder, self.identity = folder, identity
+        self.path = folder / CHECKPOINT_FILE
+        self.metrics_path = folder / METRICS_FILE
+
+    def restore(self, model: nn.Module, sampler: BatchSampler | None, max_steps: int) -> dict | None:
+        """Load model and sampler from the checkpoint and return the run's state; None when there is none."""
+        # Temporaries of a killed write are garbage once a writer (this one) runs again.
+        remove_temporaries(self.folder)
+        if not self.path.exists():
+            return None
+        state = load_checkpoint(self.path)
+        stored = state.get("identity", {})
+        differing = [k for k, v in self.identity.items() if stored.get(k) != v]
+        if differing:
+            described = ", ".join(
+                _FINGERPRINTS[k] + " differ"
+                if k in _FINGERPRINTS
+                else f"{k}: checkpoint {stored.get(k)!r}, now {self.identity[k]!r}"
+                for k in differing
+            )
+            raise RunFolderError(
+                f"the checkpoint in {self.folder} belongs to another run ({described}); "
+                "use another checkpoint_dir, or pass resume=False to overwrite it"
+            )
+        if state["step"] > max_steps:
+            raise InputError(
+                f"the checkpoint in {self.folder} is at step {state['step']}, past max_steps={max_steps}; "
+                "raise max_steps, or pass resume=False to start over"
+            )
+        model.load_state_dict(state["model"])
+        if sampler is not None:
+            sampler.load_state_dict(state["sampler"])
+        return state
+
+    def save(self, payload: dict[str, Any]) -> None:
+        with atomic_write(self.path, "wb") as f:
+            torch.save({"identity": self.identity, **payload}, f)
+
+    def write_metrics(self, history: list[dict[str, float]]) -> None:
+        write_jsonl_atomic(self.metrics_path, history)
+
+    def append_metrics(self, row: dict[str, float]) -> None:
+        append_jsonl(self.metrics_path, row)
