@@ -287,3 +287,19 @@ def test_the_reported_scale_is_the_scale_of_the_results(smoke_suite, tmp_path):
     write_json_atomic(tmp_path / "suite" / "config.json", suite)
     markdown = render_markdown(build_blocks(tmp_path / "suite"))
     assert "(scale: quick)" not in markdown and "(scale: smoke)" in markdown
+
+
+def test_the_trainers_progress_reaches_the_suites_callback(tmp_path):
+    calls = []
+    reproduce(
+        tmp_path,
+        scale="smoke",
+        only=["E2"],
+        overrides=["E2.lrs=[0.1]"],
+        progress=lambda *call: calls.append(call),
+    )
+    training = [
+        (label, done, total) for label, done, total in calls if label.startswith("training E2/lr0.1-B4-")
+    ]
+    assert len(training) > 2 and training[0][1] == 0 and all(total == 600 for _, _, total in training)
+    assert [done for _, done, _ in training] == sorted(done for _, done, _ in training)

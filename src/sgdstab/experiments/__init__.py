@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -21,7 +22,7 @@ from sgdstab.errors import InputError
 from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
 from sgdstab.experiments.config import SCALES, MeasureConfig, ModelConfig, override, quick_data, to_dict
 from sgdstab.experiments.e5_criteria import Minimum
-from sgdstab.experiments.runs import Progress, no_progress, save_analysis
+from sgdstab.experiments.runs import Progress, no_progress, save_analysis, suite_progress
 from sgdstab.io import FolderLock, make_folder, read_json, remove_temporaries, write_json_atomic
 from sgdstab.report import write_report
 from sgdstab.training import check_device
@@ -189,15 +190,25 @@ def reproduce(
     """
     configs = configure(scale, only, data_dir, device, overrides)
     out = make_folder(out)
-    analyses = {}
     with FolderLock(out):
         remove_temporaries(out)
-        for name, config in configs.items():
-            analysis = {**EXPERIMENTS[name].run(config, out, progress), "scale": scale}
-            analyses[name] = save_analysis(out, name, analysis)
-            suite_path = out / SUITE_CONFIG
-            suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
-            suite["experiments"][name] = {"scale": scale, "config": to_dict(config)}
-            write_json_atomic(suite_path, suite)
+        reporting = suite_progress.set(progress)
+        try:
+            analyses = _run_and_record(out, scale, configs, progress)
+        finally:
+            suite_progress.reset(reporting)
         write_report(out)
+    return analyses
+
+
+def _run_and_record(out: Path, scale: str, configs: dict[str, Any], progress: Progress) -> dict[str, dict]:
+    """Run each experiment, then record its scale in its analysis and its config in the suite's."""
+    analyses = {}
+    for name, config in configs.items():
+        analysis = {**EXPERIMENTS[name].run(config, out, progress), "scale": scale}
+        analyses[name] = save_analysis(out, name, analysis)
+        suite_path = out / SUITE_CONFIG
+        suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
+        suite["experiments"][name] = {"scale": scale, "config": to_dict(config)}
+        write_json_atomic(suite_path, suite)
     return analyses

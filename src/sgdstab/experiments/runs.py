@@ -20,6 +20,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,12 @@ Progress = Callable[[str, int, int], None]
 
 def no_progress(label: str, done: int, total: int) -> None:
     """The default progress callback: silent."""
+
+
+#: Where ``run_training`` reports the trainer's steps, as ``progress("training <run> loss <l>",
+#: step, max_steps)``, when its caller passes no ``progress`` of its own; ``reproduce`` sets it
+#: to the suite's callback so a front end shows progress inside long runs too.
+suite_progress: ContextVar[Progress | None] = ContextVar("suite_progress", default=None)
 
 
 def run_id(label: str, config: dict) -> str:
@@ -187,6 +194,13 @@ def run_training(
         seed=spec.seed,
     )
     arguments.update(overrides)
+    report = suite_progress.get()
+    if progress is None and report is not None:
+        name, steps = "/".join(Path(folder).parts[-2:]), arguments["max_steps"]
+
+        def progress(row: dict) -> None:
+            report(f"training {name} loss {row['loss']:.3g}", row["step"], steps)
+
     result = train(
         model,
         data.inputs,
