@@ -307,10 +307,10 @@ def load_problem(run: Path | None, problem: str | None, device: str | None = Non
     from sgdstab.experiments.runs import load_run
     from sgdstab.problem import Problem
 
-    if (run is None) == (problem is None):
-        raise InputError("give either a run folder or --problem module:function (exactly one)")
-    if run is not None:
+    if run is not None and problem is None:
         return load_run(run, device)[0]
+    if run is not None or problem is None:
+        raise InputError("give either a run folder or --problem module:function (exactly one)")
     module_name, separator, function_name = problem.partition(":")
     if not separator or not module_name or not function_name:
         raise InputError(f"--problem takes module:function (e.g. mymodels:make_problem), got {problem!r}")

@@ -77,7 +77,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         # mkstemp makes the file 0600; a results folder is meant to be shared, so use the umask's mode.
         os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -361,7 +362,7 @@ def train(
     measure_every: int | None = None,
     seed: int = 0,
     chunk_size: int = 1024,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     resume: bool = True,
     divergence_factor: float = 1e3,

@@ -20,9 +20,10 @@ from typing import Any
 
 from sgdstab.errors import InputError
 from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
+from sgdstab.experiments.analysis import save_analysis
 from sgdstab.experiments.config import SCALES, MeasureConfig, ModelConfig, override, quick_data, to_dict
 from sgdstab.experiments.e5_criteria import Minimum
-from sgdstab.experiments.runs import Progress, no_progress, save_analysis, suite_progress
+from sgdstab.experiments.runs import Progress, no_progress, suite_progress
 from sgdstab.io import FolderLock, make_folder, read_json, remove_temporaries, write_json_atomic
 from sgdstab.report import write_report
 from sgdstab.training import check_device

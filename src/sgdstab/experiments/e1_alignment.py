@@ -13,16 +13,14 @@ from dataclasses import dataclass
 
 from sgdstab.alignment import alignment
 from sgdstab.errors import InputError
+from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
     run_training,
-    save_analysis,
     spec_config,
 )
 from sgdstab.problem import Problem

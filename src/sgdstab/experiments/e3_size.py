@@ -13,6 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -26,11 +27,8 @@ from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    save_analysis,
     spec_config,
     train_and_measure,
 )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -33,13 +34,9 @@ from sgdstab.experiments.e2_frobenius_bound import frobenius_bound
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    quiet_stability,
     run_training,
-    save_analysis,
     spec_config,
 )
 from sgdstab.io import atomic_write

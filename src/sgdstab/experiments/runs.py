@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -42,7 +42,7 @@ from sgdstab.io import (
     write_json_atomic,
 )
 from sgdstab.problem import Problem
-from sgdstab.stability import StabilityResult, check_sgd_arguments, stability
+from sgdstab.stability import check_sgd_arguments
 from sgdstab.summary import curvature_summary
 from sgdstab.training import CHECKPOINT_FILE, Measure, TrainResult, check_device, check_train_arguments, train
 
@@ -76,8 +76,9 @@ def execute(
     (``sgdstab.io.FolderLock``): temporaries of a killed write are removed before the work resumes.
     """
     folder = RunFolder(root, experiment, run_id(label, config))
-    if folder.is_finished:
-        return folder.read_final()
+    finished = folder.read_final()
+    if finished is not None:
+        return finished
     remove_temporaries(folder.path)
     folder.write_config(config)
     final = {"run_id": folder.path.name, "label": label, "config": config, **work(folder)}
@@ -183,7 +184,7 @@ def run_training(
     ``init_from`` is relative to. Returns the Problem at the trained parameters.
     """
     data, model = build(spec, root)
-    arguments = dict(
+    arguments: dict[str, Any] = dict(
         lr=spec.lr,
         batch_size=spec.batch_size,
         sampling=spec.sampling,
@@ -263,38 +264,6 @@ def load_run(path: str | os.PathLike, device: str | None = None) -> tuple[Proble
     # The run's own checkpoint holds its trained weights: build the model as if starting from there.
     data, model = build(dataclasses.replace(spec, init_from=str(folder.resolve())))
     return Problem(model, data.inputs, data.targets), spec
-
-
-# ------------------------------------------------------------------------------------- analyses
-ANALYSIS_FILE = "analysis.json"
-
-
-def check(claim: str, holds: bool | None, detail: str) -> dict:
-    """One verdict line: ``holds`` is None when the data cannot decide (e.g. no run converged)."""
-    return {"claim": claim, "holds": holds, "detail": detail}
-
-
-def overall(checks: list[dict]) -> bool | None:
-    """True when every check holds, False when any fails, None when none fails but one is undecided."""
-    verdicts = [c["holds"] for c in checks]
-    if False in verdicts:
-        return False
-    return None if None in verdicts else True
-
-
-def save_analysis(root: str | os.PathLike, experiment: str, analysis: dict) -> dict:
-    """Write ``<root>/<experiment>/analysis.json`` (what the report renders) and return it."""
-    write_json_atomic(Path(root) / experiment / ANALYSIS_FILE, analysis)
-    return analysis
-
-
-def quiet_stability(problem: Problem, **kwargs) -> StabilityResult:
-    """``stability`` with its "not a minimum" warning left in the result's ``warnings`` (which the
-    recipes store) instead of printed: a run stopped at its loss goal is near, not at, loss 0.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return stability(problem, **kwargs)
 
 
 def train_and_measure(folder: RunFolder, spec: TrainSpec, measure: MeasureConfig) -> dict:
