@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from sgdstab.cli import app
-from sgdstab.io import read_json, read_jsonl
+from sgdstab.errors import RunFolderError
+from sgdstab.io import FolderLock, read_json, read_jsonl
 
 runner = CliRunner()
 COMMANDS = ["reproduce", "train", "measure", "stability", "report"]
@@ -302,27 +304,30 @@ def test_reproduce_on_a_folder_another_process_writes_exits_2_naming_it(tmp_path
         holder.communicate("\n", timeout=60)
     # The holder exited without releasing (as if killed): its lock is taken over.
     assert (out / ".lock").exists()
-    taken = invoke("reproduce", "--scale", "smoke", "--only", "E2", "--set", "E2.lrs=[0.05]", "--out", out)
-    assert taken.exit_code == 0, taken.output
+    with FolderLock(out) as lock:
+        assert lock.holder()["pid"] == os.getpid()
 
 
-def test_two_reproduce_started_together_do_not_both_write(tmp_path):
-    out = tmp_path / "suite"
-    command = [sys.executable, "-c", "from sgdstab.cli import app; app()", "--threads", "1"]
-    command += ["reproduce", "--scale", "smoke", "--only", "E2", "--set", "E2.lrs=[0.1]", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    both = [
-        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    errors_of = [process.communicate(timeout=300)[1] for process in both]
-    outcomes = sorted(zip([process.returncode for process in both], errors_of, strict=True))
-    # Either the second found the folder locked (exit 2 naming the first), or it started once the first
-    # had finished and found every run done; never two writers at once.
-    assert outcomes[0][0] == 0 and outcomes[1][0] in (0, 2)
-    if outcomes[1][0] == 2:
-        assert "is being written by pid" in outcomes[1][1]
+def test_two_reproduce_at_once_the_second_is_refused_and_rows_are_not_duplicated(tmp_path):
+    # Two writers in one process (threads): the lock refuses the second just as it refuses another process.
+    from sgdstab.experiments import reproduce
+
+    out, outcomes = tmp_path / "suite", {}
+
+    def first():
+        outcomes["first"] = reproduce(out, scale="smoke", only=["E2"], overrides=["E2.lrs=[0.1]"])
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".lock").exists() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(RunFolderError, match=f"{out} is being written by pid {os.getpid()} on "):
+            reproduce(out, scale="smoke", only=["E2"], overrides=["E2.lrs=[0.1]"])
+    finally:
+        thread.join(timeout=300)
+    assert "E2" in outcomes["first"] and not (out / ".lock").exists()
     for metrics in out.glob("E2/*/metrics.jsonl"):
         steps = [row["step"] for row in read_jsonl(metrics)]
         assert steps == sorted(set(steps)), metrics
-    assert not (out / ".lock").exists()

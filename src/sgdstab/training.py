@@ -48,7 +48,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +343,36 @@ def check_train_arguments(
         )
     if sampling not in SAMPLINGS:
         raise InputError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The arguments of ``train`` that fix a run's trajectory and where it stops, as one value.
+
+    ``train(model, x, y, **config.arguments())`` runs it; ``validate()`` refuses what ``train``
+    would refuse, before any work. ``sgdstab.experiments.runs.TrainSpec`` adds the data, the model
+    and the device to it.
+    """
+
+    lr: float
+    batch_size: int | None = None
+    sampling: str = "with_replacement"
+    max_steps: int = 10_000
+    loss_goal: float | None = 1e-4
+    seed: int = 0
+    eval_every: int | None = None
+    measure_every: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``train`` (this class's fields only, not a subclass's)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+
+    def validate(self) -> None:
+        """InputError for a setting ``train`` cannot use (the data-dependent batch size aside)."""
+        check_train_arguments(self.lr, self.max_steps, self.loss_goal, self.sampling)
+        for name in ("batch_size", "eval_every", "measure_every"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
 
 
 # ============================================================================ the loop

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -44,7 +43,7 @@ from sgdstab.io import (
 from sgdstab.problem import Problem
 from sgdstab.stability import check_sgd_arguments
 from sgdstab.summary import curvature_summary
-from sgdstab.training import CHECKPOINT_FILE, Measure, TrainResult, check_device, check_train_arguments, train
+from sgdstab.training import CHECKPOINT_FILE, Measure, TrainConfig, TrainResult, check_device, train
 
 #: progress(label, done, total): called as units start and finish, so a front end can draw bars.
 Progress = Callable[[str, int, int], None]
@@ -87,25 +86,18 @@ def execute(
 
 
 # ------------------------------------------------------------------------------------- training runs
-@dataclass(frozen=True)
-class TrainSpec:
-    """One training run: data, model, and the arguments of ``sgdstab.training.train``.
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec(TrainConfig):
+    """One training run: data, model, device and the ``TrainConfig`` of ``sgdstab.training.train``.
 
     ``batch_size=None`` is full-batch GD. ``seed`` draws the model's initial weights and the
     batches. ``init_from``: a run folder whose trained weights are the starting point instead of
-    a fresh initialisation (the escape experiment starts SGD at a minimum found by GD).
+    a fresh initialisation (the escape experiment starts SGD at a minimum found by GD); a relative
+    path is relative to the suite root passed to ``build``/``run_training``.
     """
 
     data: DataConfig
     model: ModelConfig
-    lr: float
-    batch_size: int | None = None
-    sampling: str = "with_replacement"
-    max_steps: int = 10_000
-    loss_goal: float | None = 1e-4
-    seed: int = 0
-    eval_every: int | None = None
-    measure_every: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
     init_from: str | None = None
@@ -184,16 +176,7 @@ def run_training(
     ``init_from`` is relative to. Returns the Problem at the trained parameters.
     """
     data, model = build(spec, root)
-    arguments: dict[str, Any] = dict(
-        lr=spec.lr,
-        batch_size=spec.batch_size,
-        sampling=spec.sampling,
-        max_steps=spec.max_steps,
-        loss_goal=spec.loss_goal,
-        eval_every=spec.eval_every,
-        measure_every=spec.measure_every,
-        seed=spec.seed,
-    )
+    arguments = spec.arguments()
     arguments.update(overrides)
     report = suite_progress.get()
     if progress is None and report is not None:
@@ -229,7 +212,7 @@ def train_run(
     # Refuse a bad data set, model, device, target kind or training argument before the folder is claimed.
     data, model = build(spec)
     check_sgd_arguments(len(data), spec.lr, spec.batch_size or len(data), spec.sampling)
-    check_train_arguments(spec.lr, spec.max_steps, spec.loss_goal, spec.sampling)
+    spec.validate()
     Problem(model, data.inputs, data.targets)
     with FolderLock(folder):
         if (folder / CONFIG_FILE).exists() and read_json(folder / CONFIG_FILE) != config:
