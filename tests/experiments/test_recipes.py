@@ -303,3 +303,21 @@ def test_the_trainers_progress_reaches_the_suites_callback(tmp_path):
     ]
     assert len(training) > 2 and training[0][1] == 0 and all(total == 600 for _, _, total in training)
     assert [done for _, done, _ in training] == sorted(done for _, done, _ in training)
+
+
+def test_a_resumed_suite_removes_the_temporaries_of_killed_writes(smoke_suite, tmp_path):
+    source, _ = smoke_suite
+    shutil.copytree(source, tmp_path / "suite")
+    suite = tmp_path / "suite"
+    torn = [
+        suite / ".config.json.k1.tmp",
+        suite / "E2" / ".analysis.json.k2.tmp",
+        suite / "figures" / ".E2.png.k3.tmp",
+    ]
+    (run,) = [p for p in (suite / "E2").iterdir() if p.name.startswith("lr0.1-")]
+    (run / "final.json").unlink()
+    torn += [run / ".final.json.k4.tmp", run / ".checkpoint.pt.k5.tmp", run / ".metrics.jsonl.k6.tmp"]
+    for path in torn:
+        path.write_text("torn")
+    reproduce(suite, scale="smoke", only=["E2"])  # row 114
+    assert not any(path.exists() for path in torn) and (run / "final.json").exists()

@@ -25,7 +25,7 @@ from sgdstab.experiments.config import SCALES, MeasureConfig, ModelConfig, overr
 from sgdstab.experiments.e5_criteria import Minimum
 from sgdstab.experiments.runs import Progress, no_progress, suite_progress
 from sgdstab.io import FolderLock, make_folder, read_json, remove_temporaries, write_json_atomic
-from sgdstab.report import write_report
+from sgdstab.report import FIGURES_DIR, write_report
 from sgdstab.training import check_device
 
 EXPERIMENTS: dict[str, ModuleType] = {
@@ -192,7 +192,9 @@ def reproduce(
     configs = configure(scale, only, data_dir, device, overrides)
     out = make_folder(out)
     with FolderLock(out):
-        remove_temporaries(out)
+        # What a killed write left in the suite's own folders (run folders clean up as they resume).
+        for folder in (out, out / FIGURES_DIR, *(out / name for name in configs)):
+            remove_temporaries(folder)
         reporting = suite_progress.set(progress)
         try:
             analyses = _run_and_record(out, scale, configs, progress)
