@@ -142,7 +142,7 @@ def test_checkpoint_and_resume_match_an_uninterrupted_run_bit_for_bit(tmp_path, 
     model = mlp()
     resumed = train(model, x, y, 0.05, max_steps=20, checkpoint_dir=tmp_path, **kwargs)
     assert resumed.resumed_from == 13
-    for p, q in zip(model.parameters(), reference_model.parameters()):
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert resumed.history == reference.history and resumed.final == reference.final
     assert read_jsonl(tmp_path / "metrics.jsonl") == list(reference.history)

@@ -269,9 +269,9 @@ def _sgd_step(
     grads: list[Tensor] | None = None
     for x, y in batches:
         chunk = torch.autograd.grad(per_sample_loss(loss, model(x), y).sum(), params)
-        grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk)]
+        grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
     with torch.no_grad():
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.sub_(g, alpha=lr / batch_size)
 
 
@@ -403,7 +403,8 @@ def train(
     Args:
         model: trained in place: every parameter with ``requires_grad``. Its device and dtype
             are used; inputs and batches are moved to them.
-        inputs, targets: the whole training set (targets as for ``Problem``).
+        inputs: the whole training set's inputs.
+        targets: its targets (as for ``Problem``).
         lr: constant learning rate eta > 0.
         loss: "mse" (SPEC.md square loss) or "cross_entropy".
         batch_size: B, or None for full-batch GD.
@@ -444,21 +445,19 @@ def train(
     checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
     params = [p for p in model.parameters() if p.requires_grad]
     recorder = _Recorder(model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size)
-    identity = _run_identity(
-        {
+    run_sampling = FULL_BATCH if full_batch else sampling
+    store = None
+    if checkpoint_dir is not None:
+        settings = {
             "lr": float(lr),
             "batch_size": batch_size,
-            "sampling": FULL_BATCH if full_batch else sampling,
+            "sampling": run_sampling,
             "seed": seed,
             "loss": loss,
             "num_samples": n,
             "num_params": problem.num_params,
-        },
-        model,
-        inputs,
-        targets,
-    )
-    store = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), identity)
+        }
+        store = _Checkpoint(Path(checkpoint_dir), _run_identity(settings, model, inputs, targets))
     state = store.restore(model, sampler, max_steps) if store is not None and resume else None
     started = time.perf_counter()
     if state is None:
@@ -548,7 +547,7 @@ def train(
         final=final,
         lr=float(lr),
         batch_size=batch_size,
-        sampling=identity["sampling"],
+        sampling=run_sampling,
         seed=seed,
         num_samples=n,
         wall_time_s=previous_time + time.perf_counter() - started,

@@ -38,8 +38,10 @@ def save_analysis(root: str | os.PathLike, experiment: str, analysis: dict) -> d
 
 
 def quiet_stability(problem: Problem, **kwargs) -> StabilityResult:
-    """``stability`` with its "not a minimum" warning left in the result's ``warnings`` (which the
-    recipes store) instead of printed: a run stopped at its loss goal is near, not at, loss 0.
+    """``stability`` with its "not a minimum" warning kept in the result instead of printed.
+
+    The recipes store the result's ``warnings``; a run stopped at its loss goal is near, not at,
+    loss 0, so the warning is expected there.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
