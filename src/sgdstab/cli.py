@@ -1,7 +1,7 @@
 """The ``sgdstab`` command line: a thin layer, one library call per command.
 
     sgdstab reproduce   sgdstab.experiments.reproduce (E1-E5 of Wu, Wang & Su 2022, then the report)
-    sgdstab train       sgdstab.experiments.runs.train_run (GD/SGD in a run folder)
+    sgdstab train       sgdstab.run_spec.train_run (GD/SGD in a run folder)
     sgdstab measure     sgdstab.summary.curvature_summary (lambda_max, top-k, tr H, ||H||_F, density, mu)
     sgdstab stability   sgdstab.stability.stability (every threshold of SPEC.md section 3)
     sgdstab report      sgdstab.report.write_report
@@ -266,8 +266,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model by GD or SGD into a run folder that `measure` and `stability` can read."""
-    from sgdstab.experiments.config import DTYPES, DataConfig, ModelConfig
-    from sgdstab.experiments.runs import TrainSpec, train_run
+    from sgdstab.run_spec import DTYPES, DataConfig, ModelConfig, TrainSpec, train_run
 
     with user_errors():
         if dtype not in DTYPES:
@@ -304,8 +303,8 @@ def train(
 # ------------------------------------------------------------------------------------- measure / stability
 def load_problem(run: Path | None, problem: str | None, device: str | None = None):
     """The Problem to analyse: a run folder, or ``module:function`` returning a Problem."""
-    from sgdstab.experiments.runs import load_run
     from sgdstab.problem import Problem
+    from sgdstab.run_spec import load_run
 
     if run is not None and problem is None:
         return load_run(run, device)[0]

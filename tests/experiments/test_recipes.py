@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from sgdstab import run_spec
 from sgdstab.errors import InputError
 from sgdstab.experiments import (
     EXPERIMENTS,
@@ -157,9 +158,9 @@ def test_a_killed_suite_resumes_without_redoing_finished_runs(smoke_suite, tmp_p
     killed.unlink()  # the suite was killed after this run's checkpoint, before its final.json
     stamps = {path: path.stat().st_mtime_ns for path in finals[1:]}
     trained = []
-    real_train = runs.train
+    real_train = run_spec.train
     monkeypatch.setattr(
-        runs, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
+        run_spec, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
     )
 
     e2_frobenius_bound.run(smoke_configs()["E2"], tmp_path)

@@ -15,61 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from sgdstab.data import DataSet, load_dataset
 from sgdstab.errors import InputError
-from sgdstab.models import build_model
+from sgdstab.run_spec import DTYPES as DTYPES
+from sgdstab.run_spec import DataConfig as DataConfig
+from sgdstab.run_spec import ModelConfig as ModelConfig
 
 SCALES = ("quick", "full")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Arguments of ``sgdstab.data.load_dataset``; ``data_dir`` None means the data set's default."""
-
-    name: str = "mnist"
-    n: int = 1000
-    classes: tuple[int, ...] | None = (0, 1)
-    targets: str = "pm1"
-    data_dir: str | None = None
-    seed: int = 0
-
-    def load(self, device: str = "cpu", dtype: str = "float32") -> DataSet:
-        data = load_dataset(
-            self.name,
-            n=self.n,
-            classes=self.classes,
-            targets=self.targets,
-            data_dir=self.data_dir,
-            seed=self.seed,
-            dtype=DTYPES[dtype],
-        )
-        return dataclasses.replace(data, inputs=data.inputs.to(device), targets=data.targets.to(device))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``build_model(name, **kwargs)``; input shape and number of outputs come from the data."""
-
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def build(self, data: DataSet, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> nn.Module:
-        model = build_model(
-            self.name, input_shape=data.input_shape, num_outputs=data.num_outputs, seed=seed, **self.kwargs
-        )
-        return model.to(device=device, dtype=DTYPES[dtype])
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
 
 
 @dataclass(frozen=True)
