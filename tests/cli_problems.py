@@ -19,3 +19,15 @@ def tiny_problem() -> sgdstab.Problem:
 
 def not_a_problem():
     return 42
+
+
+def needs_arg(x):
+    return tiny_problem()
+
+
+def exits():
+    raise SystemExit(0)
+
+
+def raises_value():
+    raise ValueError("the user's own mistake")

@@ -26,6 +26,7 @@ LAYERS = {
     "data": 5,
     "io": 5,
     "training": 5,
+    "run_spec": 5,
     "monitor": 5,
     "experiments": 6,
     "report": 6,

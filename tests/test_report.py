@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from sgdstab.errors import RunFolderError
 from sgdstab.io import read_json, write_json_atomic
 from sgdstab.report import VERDICTS, fmt, render_html, render_markdown, write_report
 
@@ -73,5 +74,5 @@ def test_render_helpers():
 
 
 def test_an_empty_folder_has_no_report(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no experiment results"):
+    with pytest.raises(RunFolderError, match="no experiment results"):
         write_report(tmp_path)

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from sgdstab.errors import InputError, RunFolderError
 from sgdstab.io import read_jsonl
 from sgdstab.models import build_model
-from sgdstab.training import METRICS, BatchSampler, register_metric, train
+from sgdstab.training import CHECKPOINT_FILE, METRICS, BatchSampler, check_device, register_metric, train
 
 f64 = torch.float64
 
@@ -141,7 +142,7 @@ def test_checkpoint_and_resume_match_an_uninterrupted_run_bit_for_bit(tmp_path, 
     model = mlp()
     resumed = train(model, x, y, 0.05, max_steps=20, checkpoint_dir=tmp_path, **kwargs)
     assert resumed.resumed_from == 13
-    for p, q in zip(model.parameters(), reference_model.parameters()):
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert resumed.history == reference.history and resumed.final == reference.final
     assert read_jsonl(tmp_path / "metrics.jsonl") == list(reference.history)
@@ -159,6 +160,51 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
         train(linear(), x, y, 0.1, max_steps=1, checkpoint_dir=tmp_path)
     fresh = train(linear(), x, y, 0.2, max_steps=4, checkpoint_dir=tmp_path, resume=False)
     assert fresh.resumed_from == 0 and fresh.steps == 4
+
+
+def mlp(activation, seed=0):
+    return build_model(
+        "mlp", input_shape=4, num_outputs=1, width=5, activation=activation, seed=seed
+    ).double()
+
+
+@pytest.mark.parametrize(
+    "change, differs",
+    [
+        (lambda x, y: (mlp("tanh"), x, -y), "the targets differ"),
+        (lambda x, y: (mlp("tanh"), 2 * x, y), "the inputs differ"),
+        (lambda x, y: (mlp("relu"), x, y), "architecture"),  # same parameter shapes and initial values
+        (lambda x, y: (mlp("tanh", seed=1), x, y), "initial weights differ"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_other_data_or_another_model(tmp_path, change, differs):
+    x, y = regression()
+    train(mlp("tanh"), x, y, 0.05, batch_size=4, max_steps=5, checkpoint_dir=tmp_path)
+    model, inputs, targets = change(x, y)
+    with pytest.raises(RunFolderError, match=f"belongs to another run.*{differs}"):
+        train(model, inputs, targets, 0.05, batch_size=4, max_steps=10, checkpoint_dir=tmp_path)
+    same = train(mlp("tanh"), x, y, 0.05, batch_size=4, max_steps=10, checkpoint_dir=tmp_path)
+    assert same.resumed_from == 5
+
+
+def test_a_damaged_checkpoint_is_refused_with_what_to_do(tmp_path):
+    x, y = regression()
+    train(linear(), x, y, 0.1, max_steps=2, checkpoint_dir=tmp_path)
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    (tmp_path / ".checkpoint.pt.killed.tmp").write_bytes(b"torn")
+    with pytest.raises(RunFolderError, match="damaged checkpoint .*delete it"):
+        train(linear(), x, y, 0.1, max_steps=4, checkpoint_dir=tmp_path)
+    assert not (tmp_path / ".checkpoint.pt.killed.tmp").exists()  # a killed write's leftovers are gone
+    checkpoint.unlink()
+    assert train(linear(), x, y, 0.1, max_steps=4, checkpoint_dir=tmp_path).resumed_from == 0
+
+
+@pytest.mark.parametrize("device", ["tpu", "foo", "meta", *([] if torch.cuda.is_available() else ["cuda"])])
+def test_a_device_that_cannot_train_is_an_input_error_naming_it(device):
+    with pytest.raises(InputError, match=f"device '{device}'"):
+        check_device(device)
+    assert check_device("cpu") == torch.device("cpu")
 
 
 def test_measure_hook_runs_on_schedule_and_at_the_end():

@@ -1,7 +1,7 @@
 """The ``sgdstab`` command line: a thin layer, one library call per command.
 
     sgdstab reproduce   sgdstab.experiments.reproduce (E1-E5 of Wu, Wang & Su 2022, then the report)
-    sgdstab train       sgdstab.experiments.runs.train_run (GD/SGD in a run folder)
+    sgdstab train       sgdstab.run_spec.train_run (GD/SGD in a run folder)
     sgdstab measure     sgdstab.summary.curvature_summary (lambda_max, top-k, tr H, ||H||_F, density, mu)
     sgdstab stability   sgdstab.stability.stability (every threshold of SPEC.md section 3)
     sgdstab report      sgdstab.report.write_report
@@ -9,7 +9,9 @@
 ``measure`` and ``stability`` read a run folder made by ``train``/``reproduce``, or
 ``--problem module:function``, a function of no arguments returning a ``sgdstab.Problem``, so
 users analyse their own models. A bad input (lr <= 0, B > n, an unknown model or data set, a
-missing file) exits with status 2 and a one-line reason on stderr.
+missing or damaged file, a folder another command is writing) raises a ``sgdstab.errors.SgdstabError``
+in the library, which exits with status 2 and a one-line reason on stderr; any other exception is
+a bug (in sgdstab, or in the user's ``--problem`` function) and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import math
-import pickle
 import sys
+import time
+import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sgdstab.errors import SgdstabError
+from sgdstab.errors import InputError, SgdstabError
 from sgdstab.io import dumps
 
 app = typer.Typer(
@@ -51,22 +55,42 @@ def main(
         "raise it for large models.",
     ),
 ) -> None:
+    with user_errors():
+        if threads < 0:
+            raise InputError(f"--threads must be >= 1 (0: torch's default), got {threads}")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
 
 
-#: Exceptions that mean "the input is wrong", not "the program is wrong": reported in one line, exit 2.
-#: A bug elsewhere (AttributeError, ImportError, ...) keeps its traceback.
-USER_ERRORS = (SgdstabError, ValueError, FileNotFoundError, MemoryError, pickle.UnpicklingError)
+#: Builtin exceptions that sgdstab modules not yet converted to ``sgdstab.errors`` still raise for
+#: a bad input; they count as the user's only when raised inside sgdstab (see ``_is_user_error``).
+_UNCONVERTED = (ValueError, FileNotFoundError, MemoryError)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """A SgdstabError, or an unconverted builtin one raised by sgdstab's own code.
+
+    A ValueError raised in a user's ``--problem`` module, torch or numpy is a bug and keeps its
+    traceback, so it is attributed to the code that raised it.
+    """
+    if isinstance(err, SgdstabError):
+        return True
+    if not isinstance(err, _UNCONVERTED):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_DIR)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     try:
         yield
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         errors.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -86,21 +110,59 @@ def _emit(data: dict, as_json: bool, title: str) -> None:
     console.print(table)
 
 
+class ProgressBars:
+    """Progress on stderr: rich bars on a terminal, else a plain line per task at most every few seconds.
+
+    Nothing is drawn before the first ``update``, so an input error found first stays one line.
+    """
+
+    def __init__(self, min_interval_s: float = 5.0):
+        self.interactive = errors.is_terminal
+        self.min_interval_s = min_interval_s
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=errors,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._last_line = -math.inf
+        self._started = time.monotonic()
+
+    def update(self, name: str, done: int, total: int, description: str | None = None) -> None:
+        """Set task ``name`` to ``done`` of ``total`` (the task is made on its first update)."""
+        description = description or name
+        if self.interactive:
+            if name not in self._tasks:
+                self._bar.start()
+                self._tasks[name] = self._bar.add_task(description, total=total)
+            self._bar.update(self._tasks[name], completed=done, total=total, description=description)
+            return
+        now = time.monotonic()
+        finished = done >= total and self._tasks.get(name) != done
+        if finished or now - self._last_line >= self.min_interval_s:
+            self._tasks[name] = done
+            self._last_line = now
+            errors.print(
+                f"{description}  {done}/{total}  {now - self._started:.0f} s",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def stop(self) -> None:
+        if self._bar.live.is_started:
+            self._bar.stop()
+
+
 @contextlib.contextmanager
-def progress_bar() -> Iterator[Progress]:
-    """Bars on stderr, drawn only once a task is added: an input error before that stays one line."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-    )
+def progress_bar() -> Iterator[ProgressBars]:
+    bars = ProgressBars()
     try:
-        yield bar
+        yield bars
     finally:
-        if bar.live.is_started:
-            bar.stop()
+        bars.stop()
 
 
 # ------------------------------------------------------------------------------------- reproduce
@@ -115,7 +177,7 @@ def reproduce(
         None, "--only", help="Run only these experiments: E2, or E1,E3; repeatable."
     ),
     data_dir: Path | None = typer.Option(None, help="Data folder (e.g. the parent of cifar-10-batches-py)."),
-    out: Path = typer.Option(Path("results/quick"), help="Suite folder: results/<run>."),
+    out: Path | None = typer.Option(None, help="Suite folder (default: results/<scale>)."),
     device: str | None = typer.Option(None, help="Device for every experiment (cpu, cuda, ...)."),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a setting: E2.lrs=[0.02,0.05] or data.n=300; repeatable."
@@ -131,19 +193,15 @@ def reproduce(
     from sgdstab.data import find_cifar10
     from sgdstab.experiments import reproduce as run_suite
 
+    out = out if out is not None else Path("results") / scale
     with user_errors(), progress_bar() as bar:
         if download:
             find_cifar10(data_dir, download=True)
-        tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:
-            name = label.split()[0]
-            if name not in tasks:
-                bar.start()
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done, description=label)
+            bar.update(label.split()[0], done, total, label)
 
-        chosen = [name for item in only or [] for name in item.split(",") if name]
+        chosen = None if only is None else [name for item in only for name in item.split(",")]
         analyses = run_suite(
             out,
             scale=scale,
@@ -173,7 +231,7 @@ def _parse_model_args(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator:
-            raise ValueError(f"--model-arg takes KEY=VALUE (e.g. width=64), got {pair!r}")
+            raise InputError(f"--model-arg takes KEY=VALUE (e.g. width=64), got {pair!r}")
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -208,13 +266,17 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model by GD or SGD into a run folder that `measure` and `stability` can read."""
-    from sgdstab.experiments.config import DTYPES, DataConfig, ModelConfig
-    from sgdstab.experiments.runs import TrainSpec, train_run
+    from sgdstab.run_spec import DTYPES, DataConfig, ModelConfig, TrainSpec, train_run
 
     with user_errors():
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        class_ids = tuple(int(c) for c in classes.split(",")) if classes.strip() else None
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        try:
+            class_ids = tuple(int(c) for c in classes.split(",")) if classes.strip() else None
+        except ValueError:
+            raise InputError(
+                f"--classes takes comma-separated class ids (e.g. 0,1), got {classes!r}"
+            ) from None
         spec = TrainSpec(
             data=DataConfig(dataset, n, class_ids, targets, str(data_dir) if data_dir else None, seed),
             model=ModelConfig(model, _parse_model_args(model_arg or [])),
@@ -228,42 +290,62 @@ def train(
             dtype=dtype,
         )
         with progress_bar() as bar:
-            task = bar.add_task("training", total=max_steps)
 
             def progress(row: dict) -> None:
-                bar.start()
-                bar.update(task, completed=row["step"], description=f"training  loss {row['loss']:.3g}")
+                bar.update("training", row["step"], max_steps, f"training  loss {row['loss']:.3g}")
 
             final = train_run(out, spec, progress=progress)
+            # A run that converges (or diverges) early is done: its bar ends full.
+            bar.update("training", max_steps, max_steps, f"training  {final['train']['status']}")
     _emit(final["train"], as_json, f"trained into {out}")
 
 
 # ------------------------------------------------------------------------------------- measure / stability
 def load_problem(run: Path | None, problem: str | None, device: str | None = None):
     """The Problem to analyse: a run folder, or ``module:function`` returning a Problem."""
-    from sgdstab.experiments.runs import load_run
     from sgdstab.problem import Problem
+    from sgdstab.run_spec import load_run
 
-    if (run is None) == (problem is None):
-        raise ValueError("give either a run folder or --problem module:function (exactly one)")
-    if run is not None:
+    if run is not None and problem is None:
         return load_run(run, device)[0]
+    if run is not None or problem is None:
+        raise InputError("give either a run folder or --problem module:function (exactly one)")
     module_name, separator, function_name = problem.partition(":")
     if not separator or not module_name or not function_name:
-        raise ValueError(f"--problem takes module:function (e.g. mymodels:make_problem), got {problem!r}")
+        raise InputError(f"--problem takes module:function (e.g. mymodels:make_problem), got {problem!r}")
     # The current folder first, as `python -m` does, so a user's own module is found.
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"--problem {problem}: cannot import {module_name!r} ({err})") from err
-    if not callable(getattr(module, function_name, None)):
-        raise ValueError(f"--problem {problem}: module {module_name!r} has no function {function_name!r}")
-    made = getattr(module, function_name)()
+        raise InputError(f"--problem {problem}: cannot import {module_name!r} ({err})") from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InputError(f"--problem {problem}: module {module_name!r} has no function {function_name!r}")
+    _check_no_arguments(problem, function)
+    try:
+        made = function()
+    except SystemExit as exit_:
+        raise InputError(
+            f"--problem {problem}: the function exited ({exit_!r}) instead of returning a Problem"
+        ) from None
     if not isinstance(made, Problem):
-        raise ValueError(f"{problem} returned a {type(made).__name__}, not a sgdstab.Problem")
+        raise InputError(f"{problem} returned a {type(made).__name__}, not a sgdstab.Problem")
     return made
+
+
+def _check_no_arguments(problem: str, function: Callable[..., Any]) -> None:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: let the call decide
+    try:
+        signature.bind()
+    except TypeError:
+        raise InputError(
+            f"--problem {problem}: the function must take no arguments, but its signature is {signature}"
+        ) from None
 
 
 @app.command()
@@ -320,7 +402,13 @@ def stability(
             warnings.catch_warnings(record=True),
             console.status("analysing", spinner="dots") if not as_json else contextlib.nullcontext(),
         ):
-            result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
+            try:
+                result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
+            except OverflowError:
+                raise InputError(
+                    f"--lr {lr:g} is too large: eta^2 times the curvature overflows a float; "
+                    "SGD at this learning rate diverges at any minimum with curvature"
+                ) from None
     data = dataclasses.asdict(result)
     if not as_json:
         data.update({f"threshold {k}": v for k, v in data.pop("thresholds").items()})

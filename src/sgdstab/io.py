@@ -18,7 +18,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
+import socket
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,9 +30,16 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from sgdstab.errors import InputError, RunFolderError
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
+LOCK_FILE = ".lock"
+#: Bumped whenever a change in the code changes the numbers a run records: it is part of every
+#: run id, so results written by an older version are recomputed instead of reused.
+RESULT_FORMAT_VERSION = 2
+_TEMPORARY_SUFFIX = ".tmp"
 
 
 def _to_json(value: Any) -> Any:
@@ -59,12 +70,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     flushed and fsync'ed before the rename so a power cut cannot expose an empty file.
     """
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write opens files for writing only: mode must be 'w' or 'wb', got {mode!r}")
+        raise InputError(f"atomic_write opens files for writing only: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_folder(path.parent)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        # mkstemp makes the file 0600; a results folder is meant to be shared, so use the umask's mode.
+        os.fchmod(fd, 0o666 & ~_current_umask())
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -75,6 +88,37 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` and its parents; RunFolderError when it (or a parent) is a file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunFolderError(f"{path} cannot be a folder: it or one of its parents is a file") from None
+    except OSError as err:
+        raise RunFolderError(f"cannot create the folder {path} ({err.strerror or err})") from None
+    return path
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.<name>.*.tmp``) that a killed ``atomic_write`` left in ``folder``.
+
+    Only call this while holding the folder's lock: another writer's temporaries are live.
+    """
+    folder = Path(folder)
+    removed = [p for p in folder.glob(f".*{_TEMPORARY_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return removed
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temporary file + ``os.replace``)."""
     text = dumps(obj, indent=indent)
@@ -83,8 +127,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON in ``path``; RunFolderError naming the file when it is damaged (torn, empty, not JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(
+            f"{path} is damaged ({err}); delete it to redo the step that writes it"
+        ) from None
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -103,7 +153,7 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """
     line = dumps(row)
     if "\n" in line:
-        raise ValueError("a JSON-lines row must serialize to a single line")
+        raise InputError("a JSON-lines row must serialize to a single line")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -114,7 +164,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines file, skipping a last line left incomplete by a killed writer.
 
     A malformed line anywhere but at the end means the file was damaged some other way, so it
-    raises ``ValueError`` naming the line instead of silently dropping data.
+    raises ``RunFolderError`` naming the line instead of silently dropping data.
     """
     with open(path, encoding="utf-8") as f:
         # Every complete row ends with "\n": what follows the last newline is "" or a torn write.
@@ -126,7 +176,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise RunFolderError(
                 f"{path}: line {number} is not valid JSON ({err.msg}); the file is damaged"
             ) from None
     return rows
@@ -152,8 +202,14 @@ class RunFolder:
     def __init__(self, root: str | os.PathLike, experiment: str, run_id: str):
         for label, part in (("experiment", experiment), ("run_id", run_id)):
             if not part or "/" in part or "\\" in part or part in (".", ".."):
-                raise ValueError(f"{label} must be a plain folder name (no slashes), got {part!r}")
-        self.path = Path(root) / experiment / run_id
+                raise InputError(f"{label} must be a plain folder name (no slashes), got {part!r}")
+        self.root = Path(root)
+        self.path = self.root / experiment / run_id
+
+    @property
+    def relative_path(self) -> str:
+        """The folder relative to the suite root, as stored in records: a moved suite still finds it."""
+        return self.path.relative_to(self.root).as_posix()
 
     @property
     def config_path(self) -> Path:
@@ -195,3 +251,154 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The dict ``torch.save``'d in ``path`` (tensors only, ``weights_only``).
+
+    A truncated, empty or foreign file raises RunFolderError "damaged checkpoint <path>" instead of
+    torch's own errors, whose advice (e.g. ``weights_only=False``) does not apply to a damaged file.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunFolderError(
+            f"damaged checkpoint {path} ({reason[:200]}); delete it to start that run over"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunFolderError(
+            f"damaged checkpoint {path}: it is not an sgdstab checkpoint (no 'model' entry); "
+            "delete it to start that run over"
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------- one writer
+class FolderLock:
+    """An exclusive writer's lock on a folder: the file ``<folder>/.lock`` made with ``O_EXCL``.
+
+    The file holds the holder's host, pid and the times it took and last renewed the lock, so a
+    refusal names who holds it. A lock whose holder is gone is taken over: on this host when its
+    pid no longer runs; on another host (a shared file system) only when ``expiry_s`` is given and
+    the holder has not called ``renew`` for that long. A holder on another host that may run long
+    therefore calls ``renew`` more often than ``expiry_s`` (a heartbeat, as a sweep's run lease).
+
+    Use as a context manager::
+
+        with FolderLock(out):
+            ...  # the only writer of ``out``
+    """
+
+    def __init__(self, folder: str | os.PathLike, expiry_s: float | None = None, name: str = LOCK_FILE):
+        if expiry_s is not None and not expiry_s > 0:
+            raise InputError(f"expiry_s must be > 0 seconds or None, got {expiry_s!r}")
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.expiry_s = expiry_s
+        self._token: str | None = None
+
+    def _record(self, acquired: float) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self._token,
+            "acquired": acquired,
+            "renewed": time.time(),
+        }
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record, None when the folder is free (or the record is unreadable)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def _is_stale(self, holder: dict[str, Any] | None) -> bool:
+        if holder is None:
+            # Being written right now, or left empty by a crash: stale once it is old.
+            try:
+                return time.time() - self.path.stat().st_mtime > 10.0
+            except FileNotFoundError:
+                return True
+        if holder.get("host") == socket.gethostname():
+            return not _process_runs(int(holder.get("pid", -1)))
+        return self.expiry_s is not None and time.time() - float(holder.get("renewed", 0)) > self.expiry_s
+
+    def acquire(self) -> FolderLock:
+        """Take the lock; RunFolderError naming the holder when another live writer has it."""
+        make_folder(self.folder)
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self.holder()
+                if not self._is_stale(holder):
+                    who = (
+                        "another writer"
+                        if holder is None
+                        else f"pid {holder.get('pid')} on {holder.get('host')}"
+                    )
+                    raise RunFolderError(
+                        f"{self.folder} is being written by {who} (lock {self.path}); wait for it to finish, "
+                        "or use another folder"
+                    ) from None
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self._record(time.time())))
+            return self
+
+    def _take_over(self, stale: dict[str, Any] | None) -> None:
+        """Remove a stale lock file, unless another process replaced it since we read it."""
+        aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.time_ns()}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            moved = None
+        if stale is not None and moved != stale:
+            # A third process took the lock between our read and the rename: give it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink()
+
+    def renew(self) -> None:
+        """Refresh the holder's time stamp (the heartbeat that keeps a lock with ``expiry_s``)."""
+        holder = self.holder()
+        if self._token is None or holder is None or holder.get("token") != self._token:
+            raise RunFolderError(f"the lock {self.path} is no longer held by this process")
+        write_json_atomic(self.path, {**holder, "renewed": time.time()}, indent=None)
+
+    def release(self) -> None:
+        """Give the lock up (only if this process still holds it)."""
+        holder = self.holder()
+        if self._token is not None and holder is not None and holder.get("token") == self._token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._token = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _process_runs(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from sgdstab.errors import RunFolderError
 from sgdstab.io import atomic_write, read_json
 from sgdstab.stability import STABILITY_CRITERIA, criteria_of_kind
 
@@ -410,7 +411,7 @@ def build_blocks(root: str | os.PathLike) -> list[Block]:
         if (root / name / "analysis.json").exists()
     }
     if not analyses:
-        raise FileNotFoundError(
+        raise RunFolderError(
             f"{root} holds no experiment results (no <experiment>/analysis.json); run `sgdstab reproduce` first"
         )
     figures = root / FIGURES_DIR
@@ -433,7 +434,9 @@ def build_blocks(root: str | os.PathLike) -> list[Block]:
         ),
     ]
     for name, analysis in analyses.items():
-        blocks += _experiment_blocks(name, analysis, suite["experiments"].get(name, {}).get("scale"), figures)
+        # The scale the results were computed at, from the results themselves (older suites: the config).
+        scale = analysis.get("scale", suite["experiments"].get(name, {}).get("scale"))
+        blocks += _experiment_blocks(name, analysis, scale, figures)
     if "E2" in analyses:
         blocks += _curvature_blocks(analyses["E2"], figures)
     blocks += [("heading", 2, "Full configuration"), ("code", json.dumps(suite, indent=2))]

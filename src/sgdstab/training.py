@@ -43,10 +43,12 @@ stopping at ``max_steps`` and continuing leaves no extra row in the middle of th
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,15 @@ from sgdstab._checks import (
     check_positive_float,
     check_positive_int,
 )
-from sgdstab.errors import InputError
-from sgdstab.io import METRICS_FILE, append_jsonl, atomic_write, write_jsonl_atomic
+from sgdstab.errors import InputError, RunFolderError
+from sgdstab.io import (
+    METRICS_FILE,
+    append_jsonl,
+    atomic_write,
+    load_checkpoint,
+    remove_temporaries,
+    write_jsonl_atomic,
+)
 from sgdstab.problem import Problem, per_sample_loss
 
 FULL_BATCH = "full_batch"
@@ -69,8 +78,13 @@ STATUSES = ("converged", "diverged", "max_steps")
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_CHECKPOINT_EVERY = 1000
 _RESERVED_KEYS = ("step", "epoch", "loss", "accuracy")
-# What fixes a trajectory: a checkpoint resumes only a run that agrees on all of it.
-_IDENTITY_KEYS = ("lr", "batch_size", "sampling", "seed", "loss", "num_samples", "num_params")
+# What fixes a trajectory besides the settings: a checkpoint resumes only a run that agrees on all of it.
+_FINGERPRINTS = {
+    "inputs": "the inputs",
+    "targets": "the targets",
+    "architecture": "the model's architecture (layers, activations, parameter shapes)",
+    "initial_weights": "the model's initial weights",
+}
 
 Measure = Callable[[Problem], dict[str, float]]
 
@@ -84,7 +98,7 @@ METRICS: dict[str, Callable[[Problem], float]] = {
 def register_metric(name: str, metric: Callable[[Problem], float]) -> None:
     """Make ``metric(problem) -> float`` available as ``train(measure=[name])`` (e.g. "lambda_max", "mu")."""
     if name in _RESERVED_KEYS:
-        raise ValueError(
+        raise InputError(
             f"{name!r} is recorded by the trainer itself; register the metric under another name"
         )
     METRICS[name] = metric
@@ -232,7 +246,7 @@ def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list
         elif item in METRICS:
             resolved.append(lambda problem, name=item: {name: METRICS[name](problem)})
         else:
-            raise ValueError(
+            raise InputError(
                 f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
             )
     return resolved
@@ -250,10 +264,106 @@ def _sgd_step(
     grads: list[Tensor] | None = None
     for x, y in batches:
         chunk = torch.autograd.grad(per_sample_loss(loss, model(x), y).sum(), params)
-        grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk)]
+        grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
     with torch.no_grad():
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.sub_(g, alpha=lr / batch_size)
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    """A short hash of the values, dtypes and shapes of ``tensors`` (the identity of data or weights)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _run_identity(
+    settings: dict[str, Any], model: nn.Module, inputs: Tensor, targets: Tensor
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the settings, the data and the initial model."""
+    architecture = repr(model) + "".join(f"{name}{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {
+        **settings,
+        "inputs": fingerprint(inputs),
+        "targets": fingerprint(targets),
+        "architecture": hashlib.blake2b(architecture.encode(), digest_size=8).hexdigest(),
+        "initial_weights": fingerprint(*model.state_dict().values()),
+    }
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that can run training here; InputError naming it otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"device {device!r} is not a torch device; use cpu, cuda or cuda:<index>, mps"
+        ) from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }
+    if resolved.type not in available:
+        raise InputError(f"device {device!r} cannot run training (only cpu, cuda and mps can)")
+    if not available[resolved.type]:
+        raise InputError(f"device {device!r} is not available in this torch build or machine; use device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return resolved
+
+
+def check_train_arguments(
+    lr: Any, max_steps: Any, loss_goal: float | None, sampling: str, divergence_factor: float = 1e3
+) -> tuple[float, int]:
+    """InputError with a one-line reason for an argument of ``train`` it cannot use (all checked here).
+
+    Returns:
+        ``(lr, max_steps)`` as a Python float and int.
+    """
+    lr = check_positive_float("lr", lr)
+    max_steps = check_int("max_steps", max_steps, minimum=0)
+    if loss_goal is not None and not loss_goal >= 0:
+        raise InputError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
+    if not divergence_factor > 1:
+        raise InputError(
+            f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
+        )
+    check_choice("sampling", sampling, SAMPLINGS)
+    return lr, max_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The arguments of ``train`` that fix a run's trajectory and where it stops, as one value.
+
+    ``train(model, x, y, **config.arguments())`` runs it; ``validate()`` refuses what ``train``
+    would refuse, before any work. ``sgdstab.experiments.runs.TrainSpec`` adds the data, the model
+    and the device to it.
+    """
+
+    lr: float
+    batch_size: int | None = None
+    sampling: str = "with_replacement"
+    max_steps: int = 10_000
+    loss_goal: float | None = 1e-4
+    seed: int = 0
+    eval_every: int | None = None
+    measure_every: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``train`` (this class's fields only, not a subclass's)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+
+    def validate(self) -> None:
+        """InputError for a setting ``train`` cannot use (the data-dependent batch size aside)."""
+        check_train_arguments(self.lr, self.max_steps, self.loss_goal, self.sampling)
+        for name in ("batch_size", "eval_every", "measure_every"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
 
 
 # ============================================================================ the loop
@@ -273,7 +383,7 @@ def train(
     measure_every: int | None = None,
     seed: int = 0,
     chunk_size: int = 1024,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     resume: bool = True,
     divergence_factor: float = 1e3,
@@ -284,7 +394,8 @@ def train(
     Args:
         model: trained in place: every parameter with ``requires_grad``. Its device and dtype
             are used; inputs and batches are moved to them.
-        inputs, targets: the whole training set (targets as for ``Problem``).
+        inputs: the whole training set's inputs.
+        targets: its targets (as for ``Problem``).
         lr: constant learning rate eta > 0.
         loss: "mse" (SPEC.md square loss) or "cross_entropy".
         batch_size: B, or None for full-batch GD.
@@ -304,15 +415,7 @@ def train(
             zero-predictor loss); ``math.inf`` keeps only the non-finite test.
         progress: called with each history row as it is recorded.
     """
-    lr = check_positive_float("lr", lr)
-    max_steps = check_int("max_steps", max_steps, minimum=0)
-    if loss_goal is not None and not loss_goal >= 0:
-        raise InputError(f"loss_goal must be >= 0 or None (never stop early), got {loss_goal!r}")
-    if not divergence_factor > 1:
-        raise InputError(
-            f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
-        )
-    check_choice("sampling", sampling, SAMPLINGS)
+    lr, max_steps = check_train_arguments(lr, max_steps, loss_goal, sampling, divergence_factor)
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
     n = problem.num_samples
     if batch_size is not None:
@@ -331,95 +434,62 @@ def train(
         "measure_every", measure_every if measure_every is not None else eval_every
     )
     checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
-    measures = _resolve_measures(measure)
     params = [p for p in model.parameters() if p.requires_grad]
-    accuracy_kind = _accuracy_kind(problem)
-    identity = {
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "sampling": FULL_BATCH if full_batch else sampling,
-        "seed": seed,
-        "loss": loss,
-        "num_samples": n,
-        "num_params": problem.num_params,
-    }
-
-    def judge(loss_value: float, reference: float) -> str | None:
-        if not math.isfinite(loss_value) or loss_value > divergence_factor * reference:
-            return "diverged"
-        if loss_goal is not None and loss_value <= loss_goal:
-            return "converged"
-        return None
-
-    def record(step: int, with_measures: bool, reference: float) -> tuple[dict[str, float], str | None]:
-        loss_value, accuracy = _evaluate(model, problem, accuracy_kind)
-        row = {"step": step, "epoch": step * batch_size / n, "loss": loss_value}
-        if accuracy is not None:
-            row["accuracy"] = accuracy
-        status = judge(loss_value, reference)
-        if with_measures and status != "diverged":
-            for m in measures:
-                values = m(problem)
-                clash = set(values) & set(_RESERVED_KEYS)
-                if clash:
-                    raise ValueError(
-                        f"a measure returned {sorted(clash)}, which the trainer records itself; rename them"
-                    )
-                row.update({k: float(v) for k, v in values.items()})
-        return row, status
-
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    metrics_path = Path(checkpoint_dir) / METRICS_FILE if checkpoint_dir is not None else None
-    state = (
-        _load_checkpoint(checkpoint, identity, model, sampler) if checkpoint is not None and resume else None
-    )
+    recorder = _Recorder(model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size)
+    run_sampling = FULL_BATCH if full_batch else sampling
+    store = None
+    if checkpoint_dir is not None:
+        settings = {
+            "lr": float(lr),
+            "batch_size": batch_size,
+            "sampling": run_sampling,
+            "seed": seed,
+            "loss": loss,
+            "num_samples": n,
+            "num_params": problem.num_params,
+        }
+        store = _Checkpoint(Path(checkpoint_dir), _run_identity(settings, model, inputs, targets))
+    state = store.restore(model, sampler, max_steps) if store is not None and resume else None
     started = time.perf_counter()
     if state is None:
         step, history, final, previous_time = 0, [], None, 0.0
         # The reference includes the initial loss itself, so at step 0 only a non-finite loss diverges.
-        row, status = record(0, True, reference=math.inf)
+        row, status = recorder.record(0, True)
         initial_loss = row["loss"]
-        reference = (
+        recorder.reference = (
             max(initial_loss, problem.zero_predictor_loss()) if math.isfinite(initial_loss) else math.inf
         )
         history.append(row)
     else:
         step, history, final, status = state["step"], state["history"], state["final"], state["status"]
-        initial_loss, reference, previous_time = (
+        initial_loss, recorder.reference, previous_time = (
             state["initial_loss"],
             state["reference"],
             state["wall_time_s"],
         )
-        if step > max_steps:
-            raise ValueError(
-                f"the checkpoint in {checkpoint_dir} is at step {step}, past max_steps={max_steps}; "
-                "raise max_steps, or pass resume=False to start over"
-            )
         if status == "max_steps" and step < max_steps:
             status, final = None, None
     resumed_from = step
-    if metrics_path is not None:
-        write_jsonl_atomic(metrics_path, history)
+    if store is not None:
+        store.write_metrics(history)
     if progress is not None and state is None:
         progress(history[0])
 
     def save(run_status: str | None) -> None:
-        if checkpoint is None:
-            return
-        payload = {
-            "identity": identity,
-            "step": step,
-            "status": run_status,
-            "model": model.state_dict(),
-            "sampler": None if sampler is None else sampler.state_dict(),
-            "history": history,
-            "final": final,
-            "initial_loss": initial_loss,
-            "reference": reference,
-            "wall_time_s": previous_time + time.perf_counter() - started,
-        }
-        with atomic_write(checkpoint, "wb") as f:
-            torch.save(payload, f)
+        if store is not None:
+            store.save(
+                {
+                    "step": step,
+                    "status": run_status,
+                    "model": model.state_dict(),
+                    "sampler": None if sampler is None else sampler.state_dict(),
+                    "history": history,
+                    "final": final,
+                    "initial_loss": initial_loss,
+                    "reference": recorder.reference,
+                    "wall_time_s": previous_time + time.perf_counter() - started,
+                }
+            )
 
     device, dtype = problem.device, problem.dtype
     while status is None and step < max_steps:
@@ -435,10 +505,10 @@ def train(
         step += 1
         measuring = step % measure_every == 0
         if measuring or step % eval_every == 0:
-            row, status = record(step, measuring, reference)
+            row, status = recorder.record(step, measuring)
             history.append(row)
-            if metrics_path is not None:
-                append_jsonl(metrics_path, row)
+            if store is not None:
+                store.append_metrics(row)
             if progress is not None:
                 progress(row)
         if status is None and step % checkpoint_every == 0:
@@ -447,13 +517,13 @@ def train(
     if final is None:
         last = history[-1]
         reusable = last["step"] == step and (
-            step % measure_every == 0 or not measures or status == "diverged"
+            step % measure_every == 0 or not recorder.measures or status == "diverged"
         )
         if reusable:
             final = last
         else:
             # The last step may fall between evaluations: its loss decides convergence or divergence too.
-            final, final_status = record(step, True, reference)
+            final, final_status = recorder.record(step, True)
             status = status or final_status
     status = status or "max_steps"
     if state is None or step > resumed_from or status != state["status"]:
@@ -468,7 +538,7 @@ def train(
         final=final,
         lr=float(lr),
         batch_size=batch_size,
-        sampling=identity["sampling"],
+        sampling=run_sampling,
         seed=seed,
         num_samples=n,
         wall_time_s=previous_time + time.perf_counter() - started,
@@ -476,23 +546,100 @@ def train(
     )
 
 
-def _load_checkpoint(
-    path: Path, identity: dict[str, Any], model: nn.Module, sampler: BatchSampler | None
-) -> dict | None:
-    """Restore model and sampler from ``path`` and return the run's state; None when there is no checkpoint."""
-    if not path.exists():
+class _Recorder:
+    """The evaluation part of ``train``: full-data loss, accuracy and measures, and the run's verdict."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        problem: Problem,
+        measures: list[Measure],
+        loss_goal: float | None,
+        divergence_factor: float,
+        batch_size: int,
+    ):
+        self.model, self.problem, self.measures = model, problem, measures
+        self.loss_goal, self.divergence_factor, self.batch_size = loss_goal, divergence_factor, batch_size
+        self.accuracy_kind = _accuracy_kind(problem)
+        #: The loss a diverged run exceeds divergence_factor times; set once the initial loss is known.
+        self.reference = math.inf
+
+    def judge(self, loss_value: float) -> str | None:
+        """The verdict on a full-data loss: "diverged", "converged" or None (go on)."""
+        if not math.isfinite(loss_value) or loss_value > self.divergence_factor * self.reference:
+            return "diverged"
+        if self.loss_goal is not None and loss_value <= self.loss_goal:
+            return "converged"
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differing = {
-        k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v
-    }
-    if differing:
-        described = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differing.items())
-        raise ValueError(
-            f"the checkpoint in {path.parent} belongs to another run ({described}); "
-            "use another checkpoint_dir, or pass resume=False to overwrite it"
-        )
-    model.load_state_dict(state["model"])
-    if sampler is not None:
-        sampler.load_state_dict(state["sampler"])
-    return state
+
+    def record(self, step: int, with_measures: bool) -> tuple[dict[str, float], str | None]:
+        """The history row at ``step`` and the verdict on its loss."""
+        n = self.problem.num_samples
+        loss_value, accuracy = _evaluate(self.model, self.problem, self.accuracy_kind)
+        row = {"step": step, "epoch": step * self.batch_size / n, "loss": loss_value}
+        if accuracy is not None:
+            row["accuracy"] = accuracy
+        status = self.judge(loss_value)
+        if with_measures and status != "diverged":
+            for m in self.measures:
+                values = m(self.problem)
+                clash = set(values) & set(_RESERVED_KEYS)
+                if clash:
+                    raise InputError(
+                        f"a measure returned {sorted(clash)}, which the trainer records itself; rename them"
+                    )
+                row.update({k: float(v) for k, v in values.items()})
+        return row, status
+
+
+class _Checkpoint:
+    """The checkpoint part of ``train``: ``checkpoint.pt`` and ``metrics.jsonl`` in a run folder.
+
+    A checkpoint is resumed only by a run with the same identity (settings, data and initial
+    model, see ``_run_identity``); anything else is refused with what differs.
+    """
+
+    def __init__(self, folder: Path, identity: dict[str, Any]):
+        self.folder, self.identity = folder, identity
+        self.path = folder / CHECKPOINT_FILE
+        self.metrics_path = folder / METRICS_FILE
+
+    def restore(self, model: nn.Module, sampler: BatchSampler | None, max_steps: int) -> dict | None:
+        """Load model and sampler from the checkpoint and return the run's state; None when there is none."""
+        # Temporaries of a killed write are garbage once a writer (this one) runs again.
+        remove_temporaries(self.folder)
+        if not self.path.exists():
+            return None
+        state = load_checkpoint(self.path)
+        stored = state.get("identity", {})
+        differing = [k for k, v in self.identity.items() if stored.get(k) != v]
+        if differing:
+            described = ", ".join(
+                _FINGERPRINTS[k] + " differ"
+                if k in _FINGERPRINTS
+                else f"{k}: checkpoint {stored.get(k)!r}, now {self.identity[k]!r}"
+                for k in differing
+            )
+            raise RunFolderError(
+                f"the checkpoint in {self.folder} belongs to another run ({described}); "
+                "use another checkpoint_dir, or pass resume=False to overwrite it"
+            )
+        if state["step"] > max_steps:
+            raise InputError(
+                f"the checkpoint in {self.folder} is at step {state['step']}, past max_steps={max_steps}; "
+                "raise max_steps, or pass resume=False to start over"
+            )
+        model.load_state_dict(state["model"])
+        if sampler is not None:
+            sampler.load_state_dict(state["sampler"])
+        return state
+
+    def save(self, payload: dict[str, Any]) -> None:
+        with atomic_write(self.path, "wb") as f:
+            torch.save({"identity": self.identity, **payload}, f)
+
+    def write_metrics(self, history: list[dict[str, float]]) -> None:
+        write_jsonl_atomic(self.metrics_path, history)
+
+    def append_metrics(self, row: dict[str, float]) -> None:
+        append_jsonl(self.metrics_path, row)

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 
+from sgdstab import run_spec
+from sgdstab.errors import InputError
 from sgdstab.experiments import (
     EXPERIMENTS,
     configure,
@@ -15,11 +17,13 @@ from sgdstab.experiments import (
     e3_size,
     e4_escape,
     e5_criteria,
+    reproduce,
     runs,
     smoke_configs,
 )
 from sgdstab.experiments.config import override
-from sgdstab.io import read_json, read_jsonl
+from sgdstab.io import read_json, read_jsonl, write_json_atomic
+from sgdstab.report import build_blocks, render_markdown
 from sgdstab.stability import CRITERIA
 
 
@@ -154,9 +158,9 @@ def test_a_killed_suite_resumes_without_redoing_finished_runs(smoke_suite, tmp_p
     killed.unlink()  # the suite was killed after this run's checkpoint, before its final.json
     stamps = {path: path.stat().st_mtime_ns for path in finals[1:]}
     trained = []
-    real_train = runs.train
+    real_train = run_spec.train
     monkeypatch.setattr(
-        runs, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
+        run_spec, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
     )
 
     e2_frobenius_bound.run(smoke_configs()["E2"], tmp_path)
@@ -198,3 +202,123 @@ def test_overrides_parse_json_and_refuse_unknown_fields():
         configure("quick", only=["E9"])
     with pytest.raises(ValueError, match="takes a value of type int"):
         override(configs["E2"], "max_steps", '"many"')
+
+
+# ------------------------------------------------------------------------------------- run identity
+class _Stop(Exception):
+    pass
+
+
+def first_run_ids(module, config, monkeypatch):
+    """The run ids of a recipe's first units (E4: the GD run and the first escape), without running them."""
+    ids = []
+
+    def fake_execute(root, experiment, label, run_config, work):
+        ids.append(runs.run_id(label, run_config))
+        if module is e4_escape and len(ids) == 1:
+            return {"train": {"status": "converged"}, "sgd_lr": 0.1, "folder": "E4/gd"}
+        raise _Stop
+
+    monkeypatch.setattr(module, "execute", fake_execute)
+    with pytest.raises(_Stop):
+        module.run(config, "unused")
+    return ids
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("E1", "alignment", '"stochastic"'),
+        ("E1", "num_probes", "7"),
+        ("E4", "linearized_chains", "50"),
+        ("E4", "escape_steps", "9"),
+        ("E4", "settle_loss_goal", "1e-4"),
+        ("E4", "settle_steps", "700"),
+        ("E4", "measure.num_probes", "9"),
+    ],
+)
+def test_every_setting_that_changes_a_number_changes_the_run_id(monkeypatch, name, key, value):
+    module = EXPERIMENTS[name]
+    config = smoke_configs()[name]
+    before = first_run_ids(module, config, monkeypatch)
+    after = first_run_ids(module, override(config, key, value), monkeypatch)
+    assert before != after  # row 122: a changed setting re-runs instead of reusing the old result
+
+
+def test_run_ids_include_the_result_format_version(monkeypatch):
+    config = {"train": {"lr": 0.1}}
+    before = runs.run_id("x", config)
+    monkeypatch.setattr(runs, "RESULT_FORMAT_VERSION", runs.RESULT_FORMAT_VERSION + 1)
+    assert runs.run_id("x", config) != before
+
+
+def test_a_moved_e4_suite_resumes_from_another_working_folder(smoke_suite, tmp_path, monkeypatch):
+    source, _ = smoke_suite
+    shutil.copytree(source / "E4", tmp_path / "moved" / "E4")
+    (gd,) = (tmp_path / "moved" / "E4").glob("gd-*")
+    (escape,) = (tmp_path / "moved" / "E4").glob("sgd-r1-*")
+    assert read_json(gd / "final.json")["folder"] == f"E4/{gd.name}"  # rows 117, 118: relative to the suite
+    assert read_json(escape / "config.json")["train"]["init_from"] == f"E4/{gd.name}"
+    expected = read_json(escape / "final.json")
+    (escape / "final.json").unlink()
+    (escape / "checkpoint.pt").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    e4_escape.run(smoke_configs()["E4"], "../moved")
+    assert read_json(escape / "final.json")["curve"] == expected["curve"]
+
+
+def test_a_refused_override_leaves_the_suite_config_and_report_alone(smoke_suite, tmp_path):
+    source, _ = smoke_suite
+    shutil.copytree(source, tmp_path / "suite")
+    suite = tmp_path / "suite"
+    before = (suite / "config.json").read_text()
+    with pytest.raises(InputError, match="lr must be"):
+        reproduce(suite, scale="smoke", only=["E2"], overrides=["E2.lrs=[-1]"])  # row 120
+    assert (suite / "config.json").read_text() == before
+    assert not (suite / ".lock").exists()
+
+
+def test_the_reported_scale_is_the_scale_of_the_results(smoke_suite, tmp_path):
+    source, analyses = smoke_suite
+    assert all(analysis["scale"] == "smoke" for analysis in analyses.values())
+    shutil.copytree(source, tmp_path / "suite")
+    suite = read_json(tmp_path / "suite" / "config.json")
+    suite["experiments"]["E2"]["scale"] = "quick"  # as a killed quick run's config once said (row 121)
+    write_json_atomic(tmp_path / "suite" / "config.json", suite)
+    markdown = render_markdown(build_blocks(tmp_path / "suite"))
+    assert "(scale: quick)" not in markdown and "(scale: smoke)" in markdown
+
+
+def test_the_trainers_progress_reaches_the_suites_callback(tmp_path):
+    calls = []
+    reproduce(
+        tmp_path,
+        scale="smoke",
+        only=["E2"],
+        overrides=["E2.lrs=[0.1]"],
+        progress=lambda *call: calls.append(call),
+    )
+    training = [
+        (label, done, total) for label, done, total in calls if label.startswith("training E2/lr0.1-B4-")
+    ]
+    assert len(training) > 2 and training[0][1] == 0 and all(total == 600 for _, _, total in training)
+    assert [done for _, done, _ in training] == sorted(done for _, done, _ in training)
+
+
+def test_a_resumed_suite_removes_the_temporaries_of_killed_writes(smoke_suite, tmp_path):
+    source, _ = smoke_suite
+    shutil.copytree(source, tmp_path / "suite")
+    suite = tmp_path / "suite"
+    torn = [
+        suite / ".config.json.k1.tmp",
+        suite / "E2" / ".analysis.json.k2.tmp",
+        suite / "figures" / ".E2.png.k3.tmp",
+    ]
+    (run,) = [p for p in (suite / "E2").iterdir() if p.name.startswith("lr0.1-")]
+    (run / "final.json").unlink()
+    torn += [run / ".final.json.k4.tmp", run / ".checkpoint.pt.k5.tmp", run / ".metrics.jsonl.k6.tmp"]
+    for path in torn:
+        path.write_text("torn")
+    reproduce(suite, scale="smoke", only=["E2"])  # row 114
+    assert not any(path.exists() for path in torn) and (run / "final.json").exists()

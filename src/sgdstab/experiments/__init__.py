@@ -18,12 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sgdstab.errors import InputError
 from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
+from sgdstab.experiments.analysis import save_analysis
 from sgdstab.experiments.config import SCALES, MeasureConfig, ModelConfig, override, quick_data, to_dict
 from sgdstab.experiments.e5_criteria import Minimum
-from sgdstab.experiments.runs import Progress, no_progress
-from sgdstab.io import read_json, write_json_atomic
-from sgdstab.report import write_report
+from sgdstab.experiments.runs import Progress, no_progress, suite_progress
+from sgdstab.io import FolderLock, make_folder, read_json, remove_temporaries, write_json_atomic
+from sgdstab.report import FIGURES_DIR, write_report
+from sgdstab.training import check_device
 
 EXPERIMENTS: dict[str, ModuleType] = {
     m.NAME: m for m in (e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria)
@@ -44,11 +47,20 @@ def configure(
     experiment prefix ("data.n=300") to apply to every chosen experiment that has the field.
     """
     if scale not in (*SCALES, "smoke"):
-        raise ValueError(f"unknown scale {scale!r}; choose one of {(*SCALES, 'smoke')}")
-    names = list(EXPERIMENTS) if not only else [name.upper() for name in only]
+        raise InputError(f"unknown scale {scale!r}; choose one of {(*SCALES, 'smoke')}")
+    if (
+        only is not None
+        and not isinstance(only, str)
+        and len(only)
+        and not any(name.strip() for name in only)
+    ):
+        raise InputError(f"only names no experiment; choose from {', '.join(EXPERIMENTS)}")
+    names = list(EXPERIMENTS) if not only else [name.strip().upper() for name in only if name.strip()]
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown:
-        raise ValueError(f"unknown experiment {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+        raise InputError(f"unknown experiment {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if device is not None:
+        check_device(device)
     if scale == "smoke":
         configs = {name: config for name, config in smoke_configs().items() if name in names}
     else:
@@ -64,16 +76,16 @@ def configure(
     for item in overrides:
         key, separator, value = item.partition("=")
         if not separator:
-            raise ValueError(f"an override is KEY=VALUE, e.g. E2.lrs=[0.02,0.05]; got {item!r}")
+            raise InputError(f"an override is KEY=VALUE, e.g. E2.lrs=[0.02,0.05]; got {item!r}")
         head, _, rest = key.partition(".")
         if head.upper() in EXPERIMENTS:
             if head.upper() not in configs:
-                raise ValueError(f"override {item!r} is for {head.upper()}, which is not being run")
+                raise InputError(f"override {item!r} is for {head.upper()}, which is not being run")
             configs[head.upper()] = override(configs[head.upper()], rest, value)
         else:
             touched = [name for name in configs if _has_field(configs[name], key)]
             if not touched:
-                raise ValueError(f"no chosen experiment has a setting {key!r}")
+                raise InputError(f"no chosen experiment has a setting {key!r}")
             for name in touched:
                 configs[name] = override(configs[name], key, value)
     return configs
@@ -171,16 +183,35 @@ def reproduce(
     """Run the chosen experiments into ``out`` (resuming finished runs) and write the report there.
 
     ``out/config.json`` keeps every experiment's scale and config (merged with earlier calls
-    that ran other experiments into the same folder). Returns the analysis of each experiment run.
+    that ran other experiments into the same folder); an experiment's entry is written once its
+    analysis is, so the file never describes results that are not there. Each analysis.json also
+    records its scale. One ``reproduce`` at a time writes ``out``: a second one is refused with a
+    RunFolderError naming the holder (``sgdstab.io.FolderLock``). Returns the analysis of each
+    experiment run.
     """
     configs = configure(scale, only, data_dir, device, overrides)
-    out = Path(out)
-    suite_path = out / SUITE_CONFIG
-    suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
-    suite["experiments"].update(
-        {name: {"scale": scale, "config": to_dict(config)} for name, config in configs.items()}
-    )
-    write_json_atomic(suite_path, suite)
-    analyses = {name: EXPERIMENTS[name].run(config, out, progress) for name, config in configs.items()}
-    write_report(out)
+    out = make_folder(out)
+    with FolderLock(out):
+        # What a killed write left in the suite's own folders (run folders clean up as they resume).
+        for folder in (out, out / FIGURES_DIR, *(out / name for name in configs)):
+            remove_temporaries(folder)
+        reporting = suite_progress.set(progress)
+        try:
+            analyses = _run_and_record(out, scale, configs, progress)
+        finally:
+            suite_progress.reset(reporting)
+        write_report(out)
+    return analyses
+
+
+def _run_and_record(out: Path, scale: str, configs: dict[str, Any], progress: Progress) -> dict[str, dict]:
+    """Run each experiment, then record its scale in its analysis and its config in the suite's."""
+    analyses = {}
+    for name, config in configs.items():
+        analysis = {**EXPERIMENTS[name].run(config, out, progress), "scale": scale}
+        analyses[name] = save_analysis(out, name, analysis)
+        suite_path = out / SUITE_CONFIG
+        suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}
+        suite["experiments"][name] = {"scale": scale, "config": to_dict(config)}
+        write_json_atomic(suite_path, suite)
     return analyses

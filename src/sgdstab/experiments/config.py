@@ -15,60 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from sgdstab.data import DataSet, load_dataset
-from sgdstab.models import build_model
+from sgdstab.errors import InputError
+from sgdstab.run_spec import DTYPES as DTYPES
+from sgdstab.run_spec import DataConfig as DataConfig
+from sgdstab.run_spec import ModelConfig as ModelConfig
 
 SCALES = ("quick", "full")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Arguments of ``sgdstab.data.load_dataset``; ``data_dir`` None means the data set's default."""
-
-    name: str = "mnist"
-    n: int = 1000
-    classes: tuple[int, ...] | None = (0, 1)
-    targets: str = "pm1"
-    data_dir: str | None = None
-    seed: int = 0
-
-    def load(self, device: str = "cpu", dtype: str = "float32") -> DataSet:
-        data = load_dataset(
-            self.name,
-            n=self.n,
-            classes=self.classes,
-            targets=self.targets,
-            data_dir=self.data_dir,
-            seed=self.seed,
-            dtype=DTYPES[dtype],
-        )
-        return dataclasses.replace(data, inputs=data.inputs.to(device), targets=data.targets.to(device))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``build_model(name, **kwargs)``; input shape and number of outputs come from the data."""
-
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def build(self, data: DataSet, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> nn.Module:
-        model = build_model(
-            self.name, input_shape=data.input_shape, num_outputs=data.num_outputs, seed=seed, **self.kwargs
-        )
-        return model.to(device=device, dtype=DTYPES[dtype])
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -103,7 +58,7 @@ def full_data(**changes: Any) -> DataConfig:
 
 def preset(scale: str, quick: Any, full: Any) -> Any:
     if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+        raise InputError(f"unknown scale {scale!r}; choose one of {SCALES}")
     return quick if scale == "quick" else full
 
 
@@ -117,21 +72,21 @@ def override(config: Any, key: str, value: str) -> Any:
     """A copy of ``config`` with the dotted field ``key`` set to ``value`` parsed as JSON.
 
     A bare word that is not JSON (``mlp``, ``cifar10``) is taken as a string. Lists become
-    tuples where the field holds a tuple. Raises ValueError naming the valid fields.
+    tuples where the field holds a tuple. Raises InputError naming the valid fields.
     """
     head, _, rest = key.partition(".")
     names = [f.name for f in dataclasses.fields(config)]
     if head not in names:
-        raise ValueError(f"{type(config).__name__} has no field {head!r}; its fields are {names}")
+        raise InputError(f"{type(config).__name__} has no field {head!r}; its fields are {names}")
     current = getattr(config, head)
     if rest:
         if not dataclasses.is_dataclass(current):
             if isinstance(current, dict):
                 return dataclasses.replace(config, **{head: {**current, rest: _parse(value)}})
-            raise ValueError(f"{type(config).__name__}.{head} is not a group of settings: drop '.{rest}'")
+            raise InputError(f"{type(config).__name__}.{head} is not a group of settings: drop '.{rest}'")
         return dataclasses.replace(config, **{head: override(current, rest, value)})
     if dataclasses.is_dataclass(current):
-        raise ValueError(
+        raise InputError(
             f"{type(config).__name__}.{head} is a group of settings: set one of its fields, e.g. {head}.<field>"
         )
     parsed = _parse(value)
@@ -151,15 +106,15 @@ def _like(current: Any, parsed: Any, key: str) -> Any:
         try:
             return type(current)(**parsed)
         except TypeError as err:
-            raise ValueError(f"{key}: {err}") from None
+            raise InputError(f"{key}: {err}") from None
     if isinstance(current, tuple) and isinstance(parsed, list):
         return tuple(_like(current[0], item, key) if current else item for item in parsed)
     if isinstance(current, tuple) and not isinstance(parsed, list):
-        raise ValueError(f"{key} is a list: write it as JSON, e.g. [1, 2]")
+        raise InputError(f"{key} is a list: write it as JSON, e.g. [1, 2]")
     if isinstance(current, bool) or parsed is None or current is None:
         return parsed
     if isinstance(current, float) and isinstance(parsed, int):
         return float(parsed)
     if isinstance(current, (int, float, str)) and not isinstance(parsed, type(current)):
-        raise ValueError(f"{key} takes a value of type {type(current).__name__}, got {parsed!r}")
+        raise InputError(f"{key} takes a value of type {type(current).__name__}, got {parsed!r}")
     return parsed

@@ -12,16 +12,15 @@ import os
 from dataclasses import dataclass
 
 from sgdstab.alignment import alignment
+from sgdstab.errors import InputError
+from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
     run_training,
-    save_analysis,
     spec_config,
 )
 from sgdstab.problem import Problem
@@ -82,7 +81,7 @@ def default_config(scale: str) -> Config:
 
 def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
     if len(config.lrs) != len(config.families):
-        raise ValueError(
+        raise InputError(
             f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs"
         )
 
@@ -119,7 +118,11 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 "mu_curve": [{k: row[k] for k in ("step", "loss", "mu", "mu_stderr")} for row in unique],
             }
 
-        records.append(execute(root, NAME, family.name, spec_config(spec, family_label=family.title), work))
+        # The alignment settings change the recorded mu curve: they belong to the run's identity.
+        run_config = spec_config(
+            spec, family_label=family.title, alignment=config.alignment, num_probes=config.num_probes
+        )
+        records.append(execute(root, NAME, family.name, run_config, work))
     progress(NAME, len(config.families), len(config.families))
     return save_analysis(root, NAME, analyse(records, config))
 

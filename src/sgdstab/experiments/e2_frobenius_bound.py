@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from scipy.stats import spearmanr
 
+from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -30,11 +31,8 @@ from sgdstab.experiments.config import (
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    save_analysis,
     spec_config,
     train_and_measure,
 )

@@ -13,6 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -25,11 +26,8 @@ from sgdstab.experiments.config import (
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    save_analysis,
     spec_config,
     train_and_measure,
 )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -32,13 +33,9 @@ from sgdstab.experiments.config import (
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    quiet_stability,
     run_training,
-    save_analysis,
     spec_config,
 )
 from sgdstab.io import atomic_write
@@ -127,6 +124,8 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
         sampling=config.sampling,
         escape_factor=config.escape_factor,
         sgd_lr=config.sgd_lr,
+        escape_steps=config.escape_steps,
+        linearized_chains=config.linearized_chains,
     )
     minimum = execute(root, NAME, "gd", gd_config, lambda folder: _sharp_minimum(folder, gd_spec, config))
     if minimum["train"]["status"] != "converged":
@@ -148,7 +147,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
             seed=config.seed + 1 + repeat,
             device=config.device,
             dtype=config.dtype,
-            init_from=minimum["folder"],
+            init_from=minimum["folder"],  # relative to root: a moved suite resumes
         )
         # Repeat 0 also trains on until SGD converges again, and measures where it settled.
         settle = repeat == 0
@@ -157,7 +156,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 root,
                 NAME,
                 f"sgd-r{repeat}",
-                spec_config(spec, settle=settle),
+                spec_config(spec, settle=settle, **(_settle_settings(config) if settle else {})),
                 lambda folder: _escape(folder, spec, config, settle),
             )
         )
@@ -168,7 +167,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
 def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
     """GD to the loss goal; then the curvature, the alignment and the linear stability of SGD there."""
     problem, result = run_training(folder.path, spec)
-    final = {"train": result.summary(), "folder": str(folder.path)}
+    final = {"train": result.summary(), "folder": folder.relative_path}
     if result.status != "converged":
         return final
     curvature = curvature_summary(problem, **config.measure.kwargs())
@@ -207,8 +206,17 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
     }
 
 
+def _settle_settings(config: Config) -> dict:
+    """What the settling phase's numbers depend on beyond the escape's own spec."""
+    return {
+        "settle_loss_goal": config.settle_loss_goal,
+        "settle_steps": config.settle_steps,
+        "measure": to_dict(config.measure),
+    }
+
+
 def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
-    _, result = run_training(folder.path, spec)
+    _, result = run_training(folder.path, spec, root=folder.root)
     final = {"escape": result.summary(), "curve": [[row["step"], row["loss"]] for row in result.history]}
     if settle and result.status != "diverged":
         # The same SGD chain goes on (parameters and sampler state from the escape's checkpoint),
@@ -221,6 +229,7 @@ def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
         problem, settled = run_training(
             settle_folder,
             spec,
+            root=folder.root,
             loss_goal=config.settle_loss_goal,
             max_steps=config.escape_steps + config.settle_steps,
             eval_every=None,

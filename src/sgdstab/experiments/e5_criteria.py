@@ -17,17 +17,14 @@ import math
 import os
 from dataclasses import dataclass
 
+from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
-    check,
     execute,
     no_progress,
-    overall,
-    quiet_stability,
     run_training,
-    save_analysis,
     spec_config,
 )
 from sgdstab.problem import Problem

@@ -4,37 +4,34 @@ A suite lives in ``results/<run>/``; each recipe writes ``<run>/<experiment>/<ru
 ``config.json`` (what was asked, written first), ``metrics.jsonl`` (rows appended as the run goes,
 by the trainer), ``checkpoint.pt`` (the trainer's, so a killed training resumes mid-way) and
 ``final.json`` (the outcome, written last and atomically by ``sgdstab.io``). A run-id is a
-readable label plus a hash of the run's config, so a changed hyperparameter gets a fresh folder and
-a resumed suite finds exactly the runs it already finished.
+readable label plus a hash of the run's whole config (data, model, training settings, every
+recipe setting its work uses, and ``sgdstab.io.RESULT_FORMAT_VERSION``), so a changed setting gets
+a fresh folder and a resumed suite finds exactly the runs it already finished. Paths stored in a
+run (``init_from``, a record's "folder") are relative to the suite root, so a moved suite resumes.
 
-Every training run is described by a ``TrainSpec``; ``load_run`` rebuilds the trained model and
-its data from a run folder, which is what ``sgdstab measure`` and ``sgdstab stability`` read.
+Every training run is described by a ``sgdstab.run_spec.TrainSpec`` (re-exported here with the
+rest of that module's training-run helpers, for the recipes).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from torch import nn
+from sgdstab.experiments.config import MeasureConfig
+from sgdstab.io import RESULT_FORMAT_VERSION, RunFolder, config_id, remove_temporaries
 
-from sgdstab._checks import check_sgd_arguments
-from sgdstab.data import DataSet
-from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, to_dict
-from sgdstab.io import CONFIG_FILE, FINAL_FILE, RunFolder, config_id, read_json, write_json_atomic
-from sgdstab.problem import Problem
-from sgdstab.stability import StabilityResult, stability
+# The training-run layer, re-exported for the recipes (its home is sgdstab.run_spec).
+from sgdstab.run_spec import Progress as Progress
+from sgdstab.run_spec import TrainSpec as TrainSpec
+from sgdstab.run_spec import build as build
+from sgdstab.run_spec import finished_checkpoint as finished_checkpoint
+from sgdstab.run_spec import load_run as load_run
+from sgdstab.run_spec import run_training as run_training
+from sgdstab.run_spec import spec_config as spec_config
+from sgdstab.run_spec import suite_progress as suite_progress
+from sgdstab.run_spec import train_run as train_run
 from sgdstab.summary import curvature_summary
-from sgdstab.training import CHECKPOINT_FILE, Measure, TrainResult, train
-
-#: progress(label, done, total): called as units start and finish, so a front end can draw bars.
-Progress = Callable[[str, int, int], None]
 
 
 def no_progress(label: str, done: int, total: int) -> None:
@@ -42,8 +39,8 @@ def no_progress(label: str, done: int, total: int) -> None:
 
 
 def run_id(label: str, config: dict) -> str:
-    """``<label>-<8 hex digits of the config hash>``: readable, and unique per config."""
-    return f"{label}-{config_id(config, length=8)}"
+    """``<label>-<8 hex digits of the config hash>``: readable, and unique per config and result format."""
+    return f"{label}-{config_id({'config': config, 'format': RESULT_FORMAT_VERSION}, length=8)}"
 
 
 def execute(
@@ -53,191 +50,18 @@ def execute(
 
     ``work`` may append metrics to the folder and use it as a checkpoint directory; what it
     returns becomes ``final.json`` (with the run-id, label and config beside it), so a killed
-    suite re-runs only the units that had not finished.
+    suite re-runs only the units that had not finished. The caller holds the suite's lock
+    (``sgdstab.io.FolderLock``): temporaries of a killed write are removed before the work resumes.
     """
     folder = RunFolder(root, experiment, run_id(label, config))
-    if folder.is_finished:
-        return folder.read_final()
+    finished = folder.read_final()
+    if finished is not None:
+        return finished
+    remove_temporaries(folder.path)
     folder.write_config(config)
     final = {"run_id": folder.path.name, "label": label, "config": config, **work(folder)}
     folder.write_final(final)
     return final
-
-
-# ------------------------------------------------------------------------------------- training runs
-@dataclass(frozen=True)
-class TrainSpec:
-    """One training run: data, model, and the arguments of ``sgdstab.training.train``.
-
-    ``batch_size=None`` is full-batch GD. ``seed`` draws the model's initial weights and the
-    batches. ``init_from``: a run folder whose trained weights are the starting point instead of
-    a fresh initialisation (the escape experiment starts SGD at a minimum found by GD).
-    """
-
-    data: DataConfig
-    model: ModelConfig
-    lr: float
-    batch_size: int | None = None
-    sampling: str = "with_replacement"
-    max_steps: int = 10_000
-    loss_goal: float | None = 1e-4
-    seed: int = 0
-    eval_every: int | None = None
-    measure_every: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    init_from: str | None = None
-
-    @classmethod
-    def from_dict(cls, config: dict) -> TrainSpec:
-        return cls(
-            **{
-                **config,
-                "data": DataConfig(**_tuples(config["data"])),
-                "model": ModelConfig(**config["model"]),
-            }
-        )
-
-
-def _tuples(config: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-
-
-@functools.lru_cache(maxsize=8)
-def load_data(data: DataConfig, device: str, dtype: str) -> DataSet:
-    """The data set of a config, read once per process (recipes train many models on one data set)."""
-    return data.load(device, dtype)
-
-
-def build(spec: TrainSpec) -> tuple[DataSet, nn.Module]:
-    """The data and the initial model of ``spec`` (weights from ``init_from``'s checkpoint if set)."""
-    data = load_data(spec.data, spec.device, spec.dtype)
-    model = spec.model.build(data, seed=spec.seed, device=spec.device, dtype=spec.dtype)
-    if spec.init_from is not None:
-        model.load_state_dict(_checkpoint_weights(Path(spec.init_from), spec.device))
-    return data, model
-
-
-def _checkpoint_weights(folder: Path, device: str) -> dict:
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {CHECKPOINT_FILE}: it is not a finished training run")
-    return torch.load(path, map_location=device, weights_only=True)["model"]
-
-
-def run_training(
-    folder: str | os.PathLike,
-    spec: TrainSpec,
-    measure: Measure | list | None = None,
-    progress: Callable[[dict], None] | None = None,
-    **overrides,
-) -> tuple[Problem, TrainResult]:
-    """Train ``spec`` with ``folder`` as checkpoint directory (a killed run resumes there).
-
-    ``overrides`` replace ``train`` arguments of this call only, e.g. ``loss_goal=None`` for a
-    phase that must run a fixed number of steps. Returns the Problem at the trained parameters.
-    """
-    data, model = build(spec)
-    arguments = dict(
-        lr=spec.lr,
-        batch_size=spec.batch_size,
-        sampling=spec.sampling,
-        max_steps=spec.max_steps,
-        loss_goal=spec.loss_goal,
-        eval_every=spec.eval_every,
-        measure_every=spec.measure_every,
-        seed=spec.seed,
-    )
-    arguments.update(overrides)
-    result = train(
-        model,
-        data.inputs,
-        data.targets,
-        measure=measure,
-        checkpoint_dir=folder,
-        progress=progress,
-        **arguments,
-    )
-    return Problem(model, data.inputs, data.targets), result
-
-
-def train_run(
-    folder: str | os.PathLike, spec: TrainSpec, progress: Callable[[dict], None] | None = None
-) -> dict:
-    """Train ``spec`` in its own run folder (``sgdstab train``): config.json, checkpoint, metrics, final.json.
-
-    A folder that already holds another run's config is refused rather than overwritten; the
-    same config resumes (or returns the finished result).
-    """
-    folder = Path(folder)
-    config = spec_config(spec)
-    if (folder / CONFIG_FILE).exists() and read_json(folder / CONFIG_FILE) != config:
-        raise ValueError(f"{folder} already holds a different run; choose another output folder")
-    # Refuse a bad data set, model, lr or batch size before the folder is claimed.
-    data, _ = build(spec)
-    check_sgd_arguments(len(data), spec.lr, spec.batch_size or len(data), spec.sampling)
-    write_json_atomic(folder / CONFIG_FILE, config)
-    _, result = run_training(folder, spec, progress=progress)
-    final = {"train": result.summary()}
-    write_json_atomic(folder / FINAL_FILE, final)
-    return final
-
-
-def spec_config(spec: TrainSpec, **extra) -> dict:
-    """The ``config.json`` of a training run: the spec under "train", plus recipe settings."""
-    return {"train": to_dict(spec), **extra}
-
-
-def load_run(path: str | os.PathLike, device: str | None = None) -> tuple[Problem, TrainSpec]:
-    """The trained model of a run folder (or its ``checkpoint.pt``) as a Problem on its training data."""
-    folder = Path(path)
-    if folder.name == CHECKPOINT_FILE:
-        folder = folder.parent
-    if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a run folder: it has no {CONFIG_FILE} (make one with `sgdstab train`)"
-        )
-    config = read_json(folder / CONFIG_FILE)
-    if "train" not in config:
-        raise ValueError(f"{folder} is not a training run: its {CONFIG_FILE} has no 'train' section")
-    spec = TrainSpec.from_dict(config["train"])
-    if device is not None:
-        spec = dataclasses.replace(spec, device=device)
-    # The run's own checkpoint holds its trained weights: build the model as if starting from there.
-    data, model = build(dataclasses.replace(spec, init_from=str(folder)))
-    return Problem(model, data.inputs, data.targets), spec
-
-
-# ------------------------------------------------------------------------------------- analyses
-ANALYSIS_FILE = "analysis.json"
-
-
-def check(claim: str, holds: bool | None, detail: str) -> dict:
-    """One verdict line: ``holds`` is None when the data cannot decide (e.g. no run converged)."""
-    return {"claim": claim, "holds": holds, "detail": detail}
-
-
-def overall(checks: list[dict]) -> bool | None:
-    """True when every check holds, False when any fails, None when none fails but one is undecided."""
-    verdicts = [c["holds"] for c in checks]
-    if False in verdicts:
-        return False
-    return None if None in verdicts else True
-
-
-def save_analysis(root: str | os.PathLike, experiment: str, analysis: dict) -> dict:
-    """Write ``<root>/<experiment>/analysis.json`` (what the report renders) and return it."""
-    write_json_atomic(Path(root) / experiment / ANALYSIS_FILE, analysis)
-    return analysis
-
-
-def quiet_stability(problem: Problem, **kwargs) -> StabilityResult:
-    """``stability`` with its "not a minimum" warning left in the result's ``warnings`` (which the
-    recipes store) instead of printed: a run stopped at its loss goal is near, not at, loss 0.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return stability(problem, **kwargs)
 
 
 def train_and_measure(folder: RunFolder, spec: TrainSpec, measure: MeasureConfig) -> dict:
