@@ -80,7 +80,7 @@ MailProg=/bin/true
 ReturnToService=2
 MinJobAge=3600
 MaxArraySize=1001
-KillWait=5
+KillWait=1
 NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus RealMemory=$((memory / 2)) State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
