@@ -212,3 +212,19 @@ def test_grid_errors_name_the_problem(tmp_path):
         sweep_tasks(tmp_path, {"lr": [0.1]}, lr=0.2)
     with pytest.raises(ValueError, match="non-empty list"):
         sweep_tasks(tmp_path, {"lr": 0.1})
+
+
+def test_cli_sweep_is_the_library_sweep(tmp_path):
+    from typer.testing import CliRunner
+
+    from sgdstab.cli import app
+
+    arguments = ["--grid", "lr=0.05,0.1", "--set", "n=40", "--set", "batch_size=4", "--set", "max_steps=300"]
+    arguments += ["--set", 'model_args={"width": 4}', "--set", "loss_goal=0.05", "--jobs", "1"]
+    done = CliRunner().invoke(app, ["sweep", "--out", str(tmp_path / "cli"), *arguments])
+    assert done.exit_code == 0, done.output
+    fixed = {"n": 40, "batch_size": 4, "max_steps": 300, "model_args": {"width": 4}, "loss_goal": 0.05}
+    library = sweep(tmp_path / "library", {"lr": [0.05, 0.1]}, **fixed)
+    assert (tmp_path / "cli" / "sweep.csv").read_text() == library.csv.read_text()
+    bad = CliRunner().invoke(app, ["sweep", "--out", str(tmp_path / "x"), "--grid", "lr"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -388,6 +389,36 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word: mlp, mnist
+
+
+def parse_assignments(items: Sequence[str], grid: bool) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE`` items as a dict, values parsed as JSON (a bare word stays text).
+
+    ``grid=True``: ``lr=0.01,0.02`` gives ``{"lr": [0.01, 0.02]}``; a value that is one JSON
+    list, ``classes=[[0,1],[3,5]]``, gives its items.
+    """
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise InputError(f"expected KEY=VALUE (e.g. lr=0.01,0.02), got {item!r}")
+        if not grid:
+            parsed[key] = _value(text)
+        elif text.startswith("["):
+            values = _value(text)
+            if not isinstance(values, list):
+                raise InputError(f"{item!r}: a list of grid values must be valid JSON")
+            parsed[key] = values
+        else:
+            parsed[key] = [_value(part) for part in text.split(",")]
+    return parsed
+
+
 def sweep_tasks(
     out: str | os.PathLike,
     grid: dict[str, Sequence[Any]],
@@ -527,6 +558,7 @@ __all__ = [
     "Task",
     "TrainTask",
     "make_executor",
+    "parse_assignments",
     "sweep",
     "sweep_tasks",
     "train_spec",
