@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 RUN_ARGS ?= --scale quick
 
-.PHONY: install test test-integrations lint run bench clean
+.PHONY: install test test-integrations test-slurm lint run bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ lint: install
 test-integrations: install
 	$(PY) -m pip install --quiet -e ".[test,lightning]"
 	$(PY) -m pytest -q tests/integrations
+
+# A real single-node SLURM on 127.0.0.1 (needs root and apt, as CI has): .ci/slurm-up.sh starts
+# it, tests/slurm runs a job-array sweep on it, .ci/slurm-down.sh stops exactly its daemons.
+# Fails, never skips, when the cluster cannot start.
+SLURM_CI_DIR ?= /tmp/sgdstab-slurm
+test-slurm: install
+	@env=$$(SLURM_CI_DIR=$(SLURM_CI_DIR) .ci/slurm-up.sh) || { SLURM_CI_DIR=$(SLURM_CI_DIR) .ci/slurm-down.sh; exit 1; }; \
+	eval "$$env"; \
+	$(PY) -m pytest -q -o addopts=-ra tests/slurm; status=$$?; \
+	SLURM_CI_DIR=$(SLURM_CI_DIR) .ci/slurm-down.sh || status=1; \
+	exit $$status
 
 run: install
 	$(VENV)/bin/sgdstab reproduce $(RUN_ARGS)

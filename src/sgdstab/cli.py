@@ -2,6 +2,7 @@
 
     sgdstab reproduce   sgdstab.experiments.reproduce (E1-E5 of Wu, Wang & Su 2022, then the report)
     sgdstab train       sgdstab.run_spec.train_run (GD/SGD in a run folder)
+    sgdstab sweep       sgdstab.sweeps.sweep (a grid of train runs on a process pool or SLURM, one table)
     sgdstab measure     sgdstab.summary.curvature_summary (lambda_max, top-k, tr H, ||H||_F, density, mu)
     sgdstab stability   sgdstab.stability.stability (every threshold of SPEC.md section 3)
     sgdstab report      sgdstab.report.write_report
@@ -298,6 +299,52 @@ def train(
             # A run that converges (or diverges) early is done: its bar ends full.
             bar.update("training", max_steps, max_steps, f"training  {final['train']['status']}")
     _emit(final["train"], as_json, f"trained into {out}")
+
+
+# ------------------------------------------------------------------------------------- sweep
+@app.command()
+def sweep(
+    out: Path = typer.Option(..., help="Sweep folder: runs/<run-id>/, sweep.csv, sweep.parquet, sweep.png."),
+    grid: list[str] = typer.Option(
+        ..., help="A train argument and its values: lr=0.01,0.02 or classes=[[0,1],[3,5]]; repeatable."
+    ),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help='A fixed train argument: n=500, model=mlp, model_args={"width":64}; repeatable.'
+    ),
+    executor: str = typer.Option(
+        "local", help="local (worker processes) or slurm (a job array via submitit)."
+    ),
+    jobs: int = typer.Option(1, help="Local worker processes (1: in this process, in grid order)."),
+    slurm_folder: Path | None = typer.Option(None, help="submitit's job folder, on shared storage (slurm)."),
+    partition: str | None = typer.Option(None, help="SLURM partition."),
+    gpus_per_run: int = typer.Option(0, help="GPUs per SLURM job."),
+    cpus_per_run: int = typer.Option(1, help="CPU cores (and torch threads) per SLURM job."),
+    time: int = typer.Option(60, help="Minutes per SLURM job (a timed-out job is requeued and resumes)."),
+    mem: float | None = typer.Option(None, help="GB of memory per SLURM job."),
+) -> None:
+    """Train one run per grid point on an executor (resuming finished runs), then tabulate and plot them."""
+    from sgdstab.sweeps import make_executor, parse_assignments
+    from sgdstab.sweeps import sweep as run_sweep
+
+    with user_errors():
+        slurm = (
+            {}
+            if executor != "slurm"
+            else dict(
+                partition=partition,
+                gpus_per_run=gpus_per_run,
+                cpus_per_run=cpus_per_run,
+                time_min=time,
+                mem_gb=mem,
+            )
+        )
+        result = run_sweep(
+            out,
+            parse_assignments(grid, grid=True),
+            make_executor(executor, jobs, slurm_folder, **slurm),
+            **parse_assignments(set_ or [], grid=False),
+        )
+    typer.echo("\n".join(str(p) for p in (result.csv, result.parquet, result.figure)))
 
 
 # ------------------------------------------------------------------------------------- measure / stability

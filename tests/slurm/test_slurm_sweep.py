@@ -1,0 +1,90 @@
+"""A smoke sweep as a SLURM job array on a real cluster (`make test-slurm`; .ci/slurm-up.sh starts it).
+
+Plain `pytest` does not collect this folder (pyproject's addopts ignore it). Without a cluster the
+tests fail with the reason: `make test-slurm` never passes by skipping.
+
+One job of the array is requeued by `scontrol requeue` in the middle of its run (SLURM restarts
+it from scratch: it must resume from its run folder's checkpoint), another is preempted with
+USR2 (submitit's Checkpointable requeues it); the results must equal the local executor's, bit
+for bit.
+"""
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sgdstab.io import read_json, read_jsonl
+from sgdstab.sweeps import LocalExecutor, SubmititExecutor, sweep_tasks
+
+GRID = {"lr": [0.05, 0.1], "batch_size": [4, 16]}
+FIXED = {"n": 40, "model_args": {"width": 8, "activation": "tanh"}, "max_steps": 2500, "loss_goal": None}
+WALL_CLOCK = ("wall_time_s", "resumed_from")
+
+
+def tasks_in(root):
+    return sweep_tasks(root, GRID, checkpoint_every=20, **FIXED)
+
+
+def outcome(root) -> dict:
+    runs = {}
+    for folder in sorted((Path(root) / "runs").iterdir()):
+        final = read_json(folder / "final.json")
+        final["train"] = {k: v for k, v in final["train"].items() if k not in WALL_CLOCK}
+        runs[folder.name] = (final, read_jsonl(folder / "metrics.jsonl"))
+    return runs
+
+
+def slurm(*command: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"{' '.join(command)} failed: {done.stderr.strip()}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    missing = [tool for tool in ("sbatch", "squeue", "scontrol", "sacct") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"no SLURM client tools {missing} on PATH: run these tests through `make test-slurm`")
+    state = slurm("sinfo", "-h", "-N", "-o", "%T").split()
+    if state != ["idle"]:
+        pytest.fail(f"the SLURM node is {state}, not idle: is .ci/slurm-up.sh's cluster up?")
+
+
+def mid_run(task) -> bool:
+    return (task.path / "checkpoint.pt").exists() and not (task.path / "final.json").exists()
+
+
+def test_job_array_requeued_and_preempted_jobs_resume_to_the_local_results(tmp_path):
+    LocalExecutor(jobs=1).run([tasks_in(tmp_path / "local")])
+    reference = outcome(tmp_path / "local")
+
+    executor = SubmititExecutor(folder=str(tmp_path / "submitit"), cluster="slurm", time_min=30)
+    tasks = tasks_in(tmp_path / "slurm")
+    jobs = executor.submit(tasks)
+    assert len({job.job_id.split("_")[0] for job in jobs}) == 1, "the runs were not one job array"
+    requeued, preempted = (tasks[0], jobs[0]), (tasks[1], jobs[1])
+    deadline = time.monotonic() + 180
+    for task, job, interrupt in (
+        (*requeued, lambda job: slurm("scontrol", "requeue", job.job_id)),
+        (*preempted, lambda job: job._interrupt()),  # USR2, as SLURM sends before preempting
+    ):
+        while not mid_run(task):
+            assert time.monotonic() < deadline, f"job {job.job_id} never reached the middle of its run"
+            assert not (task.path / "final.json").exists(), f"job {job.job_id} finished before it was caught"
+            time.sleep(0.05)
+        interrupt(job)
+
+    for job in jobs:
+        job.result()
+    assert outcome(tmp_path / "slurm") == reference
+    for task, job in (requeued, preempted):
+        restarts = slurm("scontrol", "show", "job", job.job_id)
+        assert "Restarts=1" in restarts, f"job {job.job_id} was not restarted: {restarts}"
+        assert read_json(task.path / "final.json")["train"]["resumed_from"] > 0, (
+            f"job {job.job_id} started over instead of resuming"
+        )
+    # The executor's own loop sees every run finished and submits nothing more.
+    assert executor.run([tasks])[0] == [read_json(task.path / "final.json") for task in tasks]
