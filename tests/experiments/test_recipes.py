@@ -97,7 +97,13 @@ def test_e4_escape_curves_and_rates(smoke_suite):
     assert len(analysis["curves"]) == config["repeats"]
     assert all(len(curve) == config["escape_steps"] + 1 for curve in analysis["curves"])
     assert len(minimum["linearized_loss"]) == config["escape_steps"] + 1
-    assert math.isfinite(analysis["measured"]["rate"]) and analysis["measured"]["stderr"] >= 0
+    from reference import jackknife_stderr, log_mean_slope  # the fit redone from its definition
+
+    fit, steps = analysis["measured"], analysis["measured"]["fitted_steps"]
+    assert fit["rate"] == pytest.approx(log_mean_slope(analysis["curves"], steps), rel=1e-9)
+    # A bootstrap and a jackknife standard error agree up to sqrt((R-1)/R) and resampling noise.
+    jackknife = jackknife_stderr(analysis["curves"], steps)
+    assert jackknife / 3 <= fit["stderr"] <= 2 * jackknife
 
 
 def test_e5_has_every_criterion_and_the_empirical_threshold(smoke_suite):

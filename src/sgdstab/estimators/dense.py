@@ -28,6 +28,18 @@ def _symmetric_dense(op: LinearOperator) -> Tensor:
 def exact_eigenvalues(op: LinearOperator, k: int = 1, which: str = "largest") -> EigenResult:
     """The ``k`` extreme eigenpairs, ordered as ``top_eigenvalues`` orders them; residual norms
     are the actual ``||A v - lambda v||`` (rounding level).
+
+    Example:
+        >>> import torch
+        >>> from sgdstab.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
+        >>> from sgdstab.estimators import exact_eigenvalues, exact_trace
+        >>> exact_eigenvalues(op, k=2).values
+        tensor([3., 2.], dtype=torch.float64)
+        >>> exact_eigenvalues(op, k=1, which="smallest").values
+        tensor([1.], dtype=torch.float64)
+        >>> exact_trace(op).value
+        6.0
     """
     check_num_eigenvalues(op, k, which)
     matrix = _symmetric_dense(op)

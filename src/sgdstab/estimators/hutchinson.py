@@ -4,6 +4,18 @@ For z with independent +-1 entries, E[z^T A z] = tr A (Hutchinson, Commun. Stat.
 1989) with variance 2 (||A||_F^2 - sum_i a_ii^2) per probe (Avron and Toledo, J. ACM 2011), and
 E[||A z||^2] = tr(A^T A) = ||A||_F^2 by the same argument. Each estimate is a mean of i.i.d.
 per-probe values, so its standard error is the sample standard deviation over sqrt(#probes).
+
+Example:
+    On a diagonal matrix every probe gives z^T A z = tr A exactly, so the estimate of ``trace``
+    is exact with zero standard error:
+
+    >>> import torch
+    >>> from sgdstab.operators import DenseOperator
+    >>> op = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
+    >>> from sgdstab.estimators import trace
+    >>> result = trace(op, num_probes=5)
+    >>> result.value, result.stderr, result.num_matvecs
+    (6.0, 0.0, 5)
 """
 
 from __future__ import annotations
@@ -117,6 +129,16 @@ def frobenius_norm(
     ``value`` is its square root, with standard error by the delta method,
     ``stderr = squared_stderr / (2 value)``. ``target_rel_stderr`` and ``max_probes`` act on
     the squared norm as in ``trace``.
+
+    Example:
+        On a diagonal matrix ||A z||^2 = sum_i a_ii^2 = ||A||_F^2 for every probe:
+
+        >>> import torch
+        >>> from sgdstab.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
+        >>> result = frobenius_norm(op, num_probes=5)
+        >>> result.squared, result.squared_stderr, round(result.value**2, 12)
+        (14.0, 0.0, 14.0)
     """
     samples, num_matvecs = _sample_probes(
         op,

@@ -142,6 +142,21 @@ def top_eigenvalues(
 
     An eigenvalue of exact multiplicity r > 1 is found once: a single Krylov space holds one
     direction of its eigenspace. Near-multiplicities are resolved.
+
+    Example:
+        Five distinct eigenvalues: the Krylov space is the whole space after five products, so
+        the values are exact to rounding:
+
+        >>> import torch
+        >>> from sgdstab.estimators import top_eigenvalues
+        >>> from sgdstab.operators import DenseOperator
+        >>> spectrum = torch.tensor([4.0, -1.0, 2.5, 0.5, 3.0], dtype=torch.float64)
+        >>> result = top_eigenvalues(DenseOperator(torch.diag(spectrum)), k=2, tol=1e-12)
+        >>> result.values.round(decimals=9), result.converged
+        (tensor([4., 3.], dtype=torch.float64), True)
+        >>> result = top_eigenvalues(DenseOperator(torch.diag(spectrum)), k=1, which="smallest")
+        >>> round(float(result.values[0]), 6)
+        -1.0
     """
     check_num_eigenvalues(op, k, which)
     tol = check_positive_float("tol", tol)

@@ -26,6 +26,17 @@ def power_iteration(
     two eigenvalues are close, so ``residual_norms`` reports ``||A v - theta v||``, which bounds
     the distance from theta to the spectrum; it is computed from the last product, at no cost.
     One operator application per iteration; the start vector is Gaussian.
+
+    Example:
+        The largest magnitude wins, whatever its sign:
+
+        >>> import torch
+        >>> from sgdstab.estimators import power_iteration
+        >>> from sgdstab.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([-6.0, 2.0, 1.0], dtype=torch.float64)))
+        >>> result = power_iteration(op, tol=1e-12)
+        >>> round(float(result.values[0]), 6), result.converged
+        (-6.0, True)
     """
     tol = check_positive_float("tol", tol)
     max_iter = check_positive_int("max_iter", max_iter)

@@ -48,6 +48,20 @@ def spectral_density(
     rules; its first two moments are Hutchinson estimates of tr(A)/d and ||A||_F^2/d. ``sigma``
     defaults to 1% of the spread of the nodes; ``grid`` defaults to ``num_grid`` points covering
     the nodes plus five sigmas either side.
+
+    Example:
+        With three distinct eigenvalues every probe's Krylov space is exhausted after three
+        steps, so the quadrature nodes are the eigenvalues themselves:
+
+        >>> import torch
+        >>> from sgdstab.estimators import spectral_density
+        >>> from sgdstab.operators import DenseOperator
+        >>> spectrum = torch.tensor([2.0] * 3 + [-1.0] * 2 + [0.5] * 5, dtype=torch.float64)
+        >>> result = spectral_density(DenseOperator(torch.diag(spectrum)), num_probes=4, num_steps=8)
+        >>> torch.unique(result.nodes.round(decimals=9))
+        tensor([-1.0000,  0.5000,  2.0000], dtype=torch.float64)
+        >>> round(float(result.weights.sum()), 12), round(float(torch.trapezoid(result.density, result.grid)), 3)
+        (1.0, 1.0)
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)

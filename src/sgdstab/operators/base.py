@@ -28,6 +28,18 @@ class LinearOperator:
     Subclasses implement ``_matmat(V)`` for a ``(d, k)`` block of columns and set ``shape``,
     ``dtype`` and ``device``. Each column applied adds one to ``num_matvecs``, so estimators and
     benchmarks can report the cost of an answer in operator applications.
+
+    Example:
+        >>> import torch
+        >>> from sgdstab.operators import DenseOperator
+        >>> op = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
+        >>> op @ torch.tensor([1.0, 0.0], dtype=torch.float64)
+        tensor([2., 1.], dtype=torch.float64)
+        >>> op @ torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # a block of columns
+        tensor([[2., 1.],
+                [1., 3.]], dtype=torch.float64)
+        >>> op.num_matvecs
+        3
     """
 
     shape: tuple[int, int]

@@ -34,5 +34,20 @@ class GaussNewtonOperator(ProblemOperator):
 
 
 def gauss_newton(problem: Problem, theta: Tensor | None = None) -> GaussNewtonOperator:
-    """The Gauss-Newton matrix of ``problem`` at ``theta`` (default: the model's parameters)."""
+    """The Gauss-Newton matrix of ``problem`` at ``theta`` (default: the model's parameters).
+
+    Example:
+        For a linear model under square loss G = J^T J / n = X^T X / n, the Hessian itself:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from sgdstab import Problem
+        >>> inputs = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> problem = Problem(model, inputs, torch.zeros(2, 1, dtype=torch.float64))
+        >>> from sgdstab.operators import gauss_newton
+        >>> print(gauss_newton(problem).to_dense().round(decimals=9))
+        tensor([[1., 1.],
+                [1., 2.]], dtype=torch.float64)
+    """
     return GaussNewtonOperator(problem, theta)

@@ -87,5 +87,20 @@ def hessian(
     backend: str = "double_backward",
     cache_graph: bool | None = None,
 ) -> HessianOperator:
-    """The loss Hessian of ``problem`` at ``theta`` (default: the model's current parameters)."""
+    """The loss Hessian of ``problem`` at ``theta`` (default: the model's current parameters).
+
+    Example:
+        Linear regression, whose square-loss Hessian is X^T X / n whatever the weights:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from sgdstab import Problem
+        >>> inputs = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> problem = Problem(model, inputs, torch.zeros(2, 1, dtype=torch.float64))
+        >>> from sgdstab.operators import hessian
+        >>> print(hessian(problem).to_dense().round(decimals=9))
+        tensor([[1., 1.],
+                [1., 2.]], dtype=torch.float64)
+    """
     return HessianOperator(problem, theta, backend, cache_graph)

@@ -34,5 +34,22 @@ class NoiseCovarianceOperator(ProblemOperator):
 
 
 def noise_covariance(problem: Problem, theta: Tensor | None = None) -> NoiseCovarianceOperator:
-    """Sigma of ``problem`` at ``theta`` (default: the model's parameters); batch noise is p_B Sigma."""
+    """Sigma of ``problem`` at ``theta`` (default: the model's parameters); batch noise is p_B Sigma.
+
+    Example:
+        A zero linear model on x_1 = (1, 0), x_2 = (0, 1) with targets 1 and -1 has per-sample
+        gradients g_1 = (-1, 0) and g_2 = (0, 1), so Sigma = (1/2) sum_i g_i g_i^T - g g^T:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from sgdstab import Problem
+        >>> from sgdstab.operators import noise_covariance
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> _ = nn.init.zeros_(model.weight)
+        >>> inputs = torch.eye(2, dtype=torch.float64)
+        >>> problem = Problem(model, inputs, torch.tensor([[1.0], [-1.0]], dtype=torch.float64))
+        >>> print(noise_covariance(problem).to_dense().round(decimals=9))
+        tensor([[0.2500, 0.2500],
+                [0.2500, 0.2500]], dtype=torch.float64)
+    """
     return NoiseCovarianceOperator(problem, theta)

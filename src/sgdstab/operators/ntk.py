@@ -57,5 +57,20 @@ class NTKOperator(ProblemOperator):
 
 
 def ntk(problem: Problem, theta: Tensor | None = None) -> NTKOperator:
-    """The sample-space NTK K = J J^T of ``problem`` at ``theta`` (not divided by n)."""
+    """The sample-space NTK K = J J^T of ``problem`` at ``theta`` (not divided by n).
+
+    Example:
+        For a linear model with one output J = X, so K = X X^T (n x n):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from sgdstab import Problem
+        >>> inputs = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> problem = Problem(model, inputs, torch.zeros(2, 1, dtype=torch.float64))
+        >>> from sgdstab.operators import ntk
+        >>> print(ntk(problem).to_dense().round(decimals=9))
+        tensor([[1., 1.],
+                [1., 5.]], dtype=torch.float64)
+    """
     return NTKOperator(problem, theta)
