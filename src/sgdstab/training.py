@@ -43,6 +43,7 @@ stopping at ``max_steps`` and continuing leaves no extra row in the middle of th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -235,6 +236,10 @@ def _evaluate(model: nn.Module, problem: Problem, accuracy_kind: str | None) -> 
     return total / n, (correct / n if accuracy_kind is not None else None)
 
 
+def _named_metric(name: str, problem: Problem) -> dict[str, float]:
+    return {name: METRICS[name](problem)}
+
+
 def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list[Measure]:
     if measure is None:
         return []
@@ -244,7 +249,7 @@ def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list
         if callable(item):
             resolved.append(item)
         elif item in METRICS:
-            resolved.append(lambda problem, name=item: {name: METRICS[name](problem)})
+            resolved.append(functools.partial(_named_metric, item))
         else:
             raise InputError(
                 f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
@@ -265,6 +270,8 @@ def _sgd_step(
     for x, y in batches:
         chunk = torch.autograd.grad(per_sample_loss(loss, model(x), y).sum(), params)
         grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
+    if grads is None:
+        return
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             p.sub_(g, alpha=lr / batch_size)
