@@ -6,6 +6,10 @@ The update is exactly the SGD of SPEC.md section 1,
 
 (``sgdstab.problem.per_sample_loss``; cross-entropy works the same way with its own l_i), with no
 momentum, weight decay or schedule, so the stability thresholds of SPEC.md section 3 apply to it.
+The one exception is ``warmup_steps``: step t (from 0) uses lr * min(1, (t + 1) / warmup_steps),
+so a net that starts sharper than 2/lr can reach the constant-lr phase without blowing up
+(SPEC.md section 4.1, E3); a run cannot count as converged before its warm-up is over, since a
+minimum found at a smaller lr is not one the constant lr selected.
 
 Batches (``BatchSampler``):
 
@@ -288,6 +292,7 @@ def train(
     resume: bool = True,
     divergence_factor: float = 1e3,
     progress: Callable[[dict[str, float]], None] | None = None,
+    warmup_steps: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on (inputs, targets) by GD or SGD; see the module docstring.
 
@@ -313,6 +318,7 @@ def train(
         divergence_factor: "diverged" when the loss exceeds this times max(initial loss,
             zero-predictor loss); ``math.inf`` keeps only the non-finite test.
         progress: called with each history row as it is recorded.
+        warmup_steps: linear learning-rate warm-up length (0: constant lr from the first step).
     """
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -326,6 +332,8 @@ def train(
         )
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
     n = problem.num_samples
     if batch_size is not None:
@@ -356,11 +364,13 @@ def train(
         "num_samples": n,
         "num_params": problem.num_params,
     }
+    if warmup_steps:
+        identity["warmup_steps"] = warmup_steps
 
-    def judge(loss_value: float, reference: float) -> str | None:
+    def judge(loss_value: float, reference: float, step: int) -> str | None:
         if not math.isfinite(loss_value) or loss_value > divergence_factor * reference:
             return "diverged"
-        if loss_goal is not None and loss_value <= loss_goal:
+        if loss_goal is not None and loss_value <= loss_goal and step >= warmup_steps:
             return "converged"
         return None
 
@@ -369,7 +379,7 @@ def train(
         row = {"step": step, "epoch": step * batch_size / n, "loss": loss_value}
         if accuracy is not None:
             row["accuracy"] = accuracy
-        status = judge(loss_value, reference)
+        status = judge(loss_value, reference, step)
         if with_measures and status != "diverged":
             for m in measures:
                 values = m(problem)
@@ -444,7 +454,7 @@ def train(
                 (_to_model(inputs[part], device, dtype), _to_model(targets[part], device, dtype))
                 for part in index.split(chunk_size)
             )
-        _sgd_step(model, params, loss, batches, batch_size, lr)
+        _sgd_step(model, params, loss, batches, batch_size, lr * min(1.0, (step + 1) / max(warmup_steps, 1)))
         step += 1
         measuring = step % measure_every == 0
         if measuring or step % eval_every == 0:

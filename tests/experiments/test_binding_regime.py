@@ -1,0 +1,197 @@
+"""E3's checks where the constraints bind (issue 8): each holds on data that satisfies it and flips
+when one seed's data contradicts it; plus the two pieces the design needs from lower layers,
+the linear learning-rate warm-up and centred inputs."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from sgdstab.data import load_dataset
+from sgdstab.experiments import smoke_configs
+from sgdstab.experiments.config import DataConfig, ModelConfig
+from sgdstab.experiments.e3_size import Config, analyse, exact_curvature
+from sgdstab.problem import Problem
+from sgdstab.training import train
+
+LR = 0.2  # 2/eta = 10; the B = 2 cap sqrt(B/mu)/eta = 7.07 at mu = 1
+WIDTHS = (32, 128, 512)
+SEEDS = (0, 1, 2)
+CONFIG = Config(
+    data=DataConfig(name="digits", n=100, classes=(0, 1), targets="pm1", normalize="center"),
+    model=ModelConfig("mlp", {"width": 128, "activation": "tanh"}),
+    widths=WIDTHS,
+    ns=(),
+    batch_sizes=(2,),
+    lr=LR,
+    seeds=SEEDS,
+)
+# Per width: lambda_max at init (the two wider nets start above 2/eta), and the minima reached.
+INITIAL = {32: 5.0, 128: 15.0, 512: 30.0}
+GD_MINIMA = {
+    32: (6.0, 8.0, 10.0),
+    128: (9.5, 15.0, 20.0),
+    512: (9.5, 30.0, 40.0),
+}  # lambda_max, ||H||_F, tr H
+SGD_MINIMA = {32: (4.0, 5.0, 6.0), 128: (3.5, 4.5, 5.0), 512: (3.0, 4.0, 4.5)}
+
+
+def record(seed, width, batch_size, minimum):
+    lambda_max, frobenius, trace = minimum
+    arm = "GD" if batch_size is None else f"SGD B={batch_size}"
+    return {
+        "run_id": f"{arm}-{width}-{seed}",
+        "train": {"status": "converged", "steps": 100, "final_loss": 1e-6},
+        "curvature": {"lambda_max": lambda_max, "frobenius": frobenius, "trace": trace, "mu": 1.0},
+        "sweep": "width",
+        "optimizer": arm,
+        "batch_size": batch_size,
+        "width": width,
+        "n": 100,
+        "seed": seed,
+    }
+
+
+def binding_records():
+    return [
+        record(seed, width, batch_size, minima[width])
+        for seed in SEEDS
+        for width in WIDTHS
+        for batch_size, minima in ((None, GD_MINIMA), (2, SGD_MINIMA))
+    ]
+
+
+SCAN = {
+    "rows": [{"seed": s, "width": w, "lambda_max": INITIAL[w]} for s in SEEDS for w in WIDTHS],
+    "lr": LR,
+    "reference_lambda_max": 30.0,
+    "from_scan": False,
+}
+
+
+def find(records, seed, width, arm):
+    (match,) = [r for r in records if (r["seed"], r["width"], r["optimizer"]) == (seed, width, arm)]
+    return match["curvature"]
+
+
+def test_every_check_holds_on_every_seed_where_the_data_bind():
+    analysis = analyse(binding_records(), CONFIG, SCAN)
+    assert [c["holds"] for c in analysis["checks"]] == [True] * 4
+    assert analysis["holds"] is True
+    assert all(c["detail"].startswith("3/3 seeds") for c in analysis["checks"])
+    rows = {(r["optimizer"], r["width"]): r for r in analysis["rows"] if r["seed"] == 0}
+    assert rows["SGD B=2", 32]["sgd_bound"] == pytest.approx(math.sqrt(2) / LR)
+    assert rows["GD", 512]["eta_lambda_max"] == pytest.approx(1.9)
+    assert analysis["gd_limit"] == pytest.approx(10.0)
+    assert analysis["spread"]["GD"][-1]["frobenius_median"] == 30.0
+
+
+def corrupt_edge(records):
+    find(records, 1, 512, "GD")["lambda_max"] = 7.0  # eta lambda_max 1.4: GD stopped short of its edge
+
+
+def corrupt_growth(records):
+    find(records, 1, 512, "GD")["trace"] = 9.0  # tr H below the narrowest net's 10
+
+
+def corrupt_cap(records):
+    find(records, 1, 128, "SGD B=2")["frobenius"] = 7.5  # above sqrt(2)/eta = 7.07
+
+
+def corrupt_spread(records):
+    find(records, 1, 32, "SGD B=2")["frobenius"] = 2.0  # under the cap, but max/min over widths is 2.25
+
+
+def corrupt_ratio(records):
+    find(records, 1, 512, "GD")["frobenius"] = 12.0  # GD still grows and passes 2/eta ...
+    find(records, 1, 512, "SGD B=2")["frobenius"] = 6.5  # ... but GD/SGD at the widest is 1.85 < 2
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "failing"),
+    [(corrupt_edge, 0), (corrupt_growth, 1), (corrupt_cap, 2), (corrupt_spread, 2), (corrupt_ratio, 3)],
+)
+def test_one_seed_against_the_claim_flips_exactly_its_check(corrupt, failing):
+    records = copy.deepcopy(binding_records())
+    corrupt(records)
+    checks = analyse(records, CONFIG, SCAN)["checks"]
+    assert [c["holds"] for c in checks] == [index != failing for index in range(4)]
+    assert checks[failing]["detail"].startswith("2/3 seeds")
+
+
+def test_a_gd_run_that_started_below_its_edge_is_not_held_to_it():
+    records = binding_records()
+    find(records, 0, 32, "GD")["lambda_max"] = 1.0  # far below 2/eta, but this net started below it too
+    assert analyse(records, CONFIG, SCAN)["checks"][0]["holds"] is True
+
+
+def test_an_unconverged_sgd_run_fails_the_cap_and_an_unconverged_gd_run_leaves_the_edge_open():
+    records = binding_records()
+    for r in records:
+        if (r["seed"], r["width"]) == (2, 512):
+            r["train"]["status"] = "diverged" if r["batch_size"] else "max_steps"
+            del r["curvature"]
+    checks = analyse(records, CONFIG, SCAN)["checks"]
+    assert checks[2]["holds"] is False and "diverged" in checks[2]["detail"]
+    assert checks[0]["holds"] is None
+
+
+# ------------------------------------------------------------------------------------- lower layers
+def test_warmup_ramps_the_learning_rate_linearly_then_holds_it():
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    start = model.weight.detach().clone()
+    train(model, x, y, lr=0.1, max_steps=6, loss_goal=None, warmup_steps=4)
+    # GD on 0.5 mean (w x - y)^2 by hand, step t at lr 0.1 min(1, (t + 1)/4).
+    w = start.clone()
+    for t in range(6):
+        gradient = ((x @ w.T - y) * x).mean(0, keepdim=True)
+        w = w - 0.1 * min(1.0, (t + 1) / 4) * gradient
+    torch.testing.assert_close(model.weight.detach(), w)
+
+
+def test_a_run_cannot_converge_during_its_warmup():
+    x, y = torch.randn(10, 2, dtype=torch.float64), torch.zeros(10, 1, dtype=torch.float64)
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()  # at the minimum from the start
+    result = train(model, x, y, lr=0.1, max_steps=50, loss_goal=1e-3, warmup_steps=7)
+    assert result.status == "converged" and result.steps == 7
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train(model, x, y, lr=0.1, warmup_steps=-1)
+
+
+def test_center_normalization_subtracts_the_training_mean_only():
+    raw = load_dataset("digits", n=60, classes=(0, 1), targets="pm1", normalize=False)
+    centred = load_dataset("digits", n=60, classes=(0, 1), targets="pm1", normalize="center")
+    torch.testing.assert_close(centred.inputs, raw.inputs - raw.inputs.mean(0), atol=1e-6, rtol=0)
+
+
+def test_exact_curvature_matches_the_dense_gauss_newton_matrix():
+    data = load_dataset(
+        "digits", n=12, classes=(0, 1), targets="pm1", normalize="center", dtype=torch.float64
+    )
+    model = ModelConfig("mlp", {"width": 5, "activation": "tanh"}).build(data, seed=0, dtype="float64")
+    problem = Problem(model, data.inputs, data.targets)
+    jacobian = torch.cat(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[None]).sum(), model.parameters())])[
+                None
+            ]
+            for x in data.inputs
+        ]
+    )
+    gauss_newton = jacobian.T @ jacobian / len(data.inputs)
+    measured = exact_curvature(problem)
+    assert measured["frobenius"] == pytest.approx(float(torch.linalg.matrix_norm(gauss_newton)), rel=1e-8)
+    assert measured["trace"] == pytest.approx(float(gauss_newton.trace()), rel=1e-8)
+    assert measured["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(gauss_newton)[-1]), rel=1e-8)
+    assert measured["stable_rank"] == pytest.approx((measured["frobenius"] / measured["lambda_max"]) ** 2)
+
+
+def test_the_smoke_config_runs_every_arm_on_centred_digits():
+    config = smoke_configs()["E3"]
+    assert config.data.normalize == "center" and config.data.name == "digits"
+    assert config.batch_sizes and all(b in (1, 2) for b in config.batch_sizes)
