@@ -207,14 +207,15 @@ def _plot_e4(analysis: dict, fig: Figure) -> None:
         label=f"linearised SGD (slope {analysis['linearized_rate']:.3f})",
     )
     start = log_mean[0]
-    fitted = analysis["measured"]["fitted_steps"]
+    measured = analysis["measured"]
+    first, last = measured.get("fit_start", 0), measured.get("fit_end", measured["fitted_steps"])
     for rate, style, label in (
         (minimum["predicted_rate"], "k--", "predicted log(eta^2 p_B mu ||H||_F^2)"),
         (minimum["exact_rate"], "r:", "exact log rho(T)"),
         (minimum["rigorous_rate"], "m-.", "rigorous, with mu_min"),
     ):
         axis.plot(steps, start + rate * steps, style, lw=1, label=f"{label} = {rate:.3f}")
-    axis.axvspan(0, fitted - 1, color="grey", alpha=0.1, label="fit window")
+    axis.axvspan(first, last - 1, color="grey", alpha=0.1, label="fit window (after the transient)")
     axis.set(
         xlabel="SGD step from the GD minimum",
         ylabel="log training loss",
@@ -349,7 +350,8 @@ def _e4_rows(analysis: dict) -> list[dict]:
         {
             "quantity": "escape rate per step, measured (SGD)",
             "value": analysis["measured"]["rate"],
-            "note": f"+- {analysis['measured']['stderr']:.3g}, first {analysis['measured']['fitted_steps']} steps",
+            "note": f"+- {analysis['measured']['stderr']:.3g}, steps {analysis['measured'].get('fit_start', 0)} "
+            f"to {analysis['measured'].get('fit_end', analysis['measured']['fitted_steps'])}",
         },
         {"quantity": "linearised SGD, same window", "value": analysis["linearized_rate"], "note": ""},
         {

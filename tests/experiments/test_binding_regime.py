@@ -1,17 +1,23 @@
-"""E3's checks where the constraints bind (issue 8): each holds on data that satisfies it and flips
-when one seed's data contradicts it; plus the two pieces the design needs from lower layers,
-the linear learning-rate warm-up and centred inputs."""
+"""E3's and E4's checks where the claims bind (issue 8).
+
+Each E3 check holds on data that satisfies it and flips when one seed's data contradicts it; E4's
+fit leaves the transient out and its verdicts follow the measured rate; plus the pieces the design
+needs from lower layers: the linear learning-rate warm-up, centred inputs, exact curvature.
+"""
 
 import copy
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from sgdstab.data import load_dataset
-from sgdstab.experiments import smoke_configs
+from sgdstab.experiments import e4_escape, smoke_configs
 from sgdstab.experiments.config import DataConfig, ModelConfig
 from sgdstab.experiments.e3_size import Config, analyse, exact_curvature
+from sgdstab.experiments.e4_escape import escape_rate
 from sgdstab.problem import Problem
 from sgdstab.training import train
 
@@ -195,3 +201,61 @@ def test_the_smoke_config_runs_every_arm_on_centred_digits():
     config = smoke_configs()["E3"]
     assert config.data.normalize == "center" and config.data.name == "digits"
     assert config.batch_sizes and all(b in (1, 2) for b in config.batch_sizes)
+
+
+# ------------------------------------------------------------------------------------- E4: the asymptotic rate
+def escape_curves(rate, transient_rate, transient_steps, runs=40, steps=30, noise=0.3, seed=0):
+    """Loss curves whose mean grows at ``transient_rate`` for a few steps, then at ``rate``."""
+    generator = np.random.default_rng(seed)
+    log_mean = np.cumsum([0.0] + [transient_rate if t < transient_steps else rate for t in range(steps)])
+    curves = []
+    for _ in range(runs):
+        # Mean-one multiplicative noise per run and step keeps the expected loss on the curve.
+        factors = generator.lognormal(-(noise**2) / 2, noise, size=steps + 1)
+        curves.append([[t, 1e-8 * math.exp(log_mean[t]) * factors[t]] for t in range(steps + 1)])
+    return curves
+
+
+def test_the_fit_leaves_the_transient_out_and_recovers_the_asymptotic_rate():
+    curves = escape_curves(rate=0.2, transient_rate=0.8, transient_steps=4, runs=400)
+    late = escape_rate(curves, max_loss=1.0, bootstrap=100, seed=0, start=5)
+    early = escape_rate(curves, max_loss=1.0, bootstrap=100, seed=0, start=0)
+    assert late["fit_start"] == 5 and late["fit_end"] == 31
+    assert abs(late["rate"] - 0.2) < 3 * late["stderr"] and late["stderr"] < 0.01
+    assert early["rate"] > 1.1 * 0.2  # the transient biases a fit from step 0 by more than 10%
+
+
+def e4_minimum(exact, predicted, rigorous):
+    return {
+        "train": {"status": "converged"},
+        "curvature": {"mu": 0.85, "frobenius": 7.0},
+        "predicted_rate": predicted,
+        "rigorous_rate": rigorous,
+        "exact_rate": exact,
+        "sgd_lr": 0.2,
+        "thresholds": {"gd": 0.3},
+        "mu_min": 0.3,
+        "batch_noise": 1.0,
+        "linearized_loss": [1e-8 * math.exp(exact * t) for t in range(31)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("measured_rate", "verdicts", "supported"),
+    [
+        (0.18, [True, True], "exact log rho(T)"),
+        (0.40, [False, True], "the paper's estimate"),
+        (0.05, [False, False], "exact log rho(T)"),
+    ],
+)
+def test_e4_verdicts_follow_the_measured_rate(measured_rate, verdicts, supported):
+    config = dataclasses.replace(
+        e4_escape.default_config("quick"), fit_start=5, fit_max_loss=1.0, bootstrap=50
+    )
+    escapes = [
+        {"curve": curve, "escape": {"status": "max_steps"}}
+        for curve in escape_curves(rate=measured_rate, transient_rate=0.8, transient_steps=4, runs=300)
+    ]
+    analysis = e4_escape.analyse(e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1), escapes, config)
+    assert [c["holds"] for c in analysis["checks"][:2]] == verdicts
+    assert analysis["supported_prediction"] == supported

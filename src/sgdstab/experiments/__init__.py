@@ -129,6 +129,7 @@ def smoke_configs() -> dict[str, Any]:
             gd_lr=0.05,
             gd_loss_goal=1e-3,
             escape_steps=8,
+            fit_start=2,
             repeats=3,
             linearized_chains=20,
             bootstrap=20,
