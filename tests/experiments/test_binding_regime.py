@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from sgdstab.data import load_dataset
-from sgdstab.experiments import e4_escape, smoke_configs
+from sgdstab.experiments import e2_frobenius_bound, e4_escape, smoke_configs
 from sgdstab.experiments.config import DataConfig, ModelConfig
 from sgdstab.experiments.e3_size import Config, analyse, exact_curvature
 from sgdstab.experiments.e4_escape import escape_rate
+from sgdstab.io import read_json
 from sgdstab.problem import Problem
 from sgdstab.training import train
 
@@ -259,3 +260,80 @@ def test_e4_verdicts_follow_the_measured_rate(measured_rate, verdicts, supported
     analysis = e4_escape.analyse(e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1), escapes, config)
     assert [c["holds"] for c in analysis["checks"][:2]] == verdicts
     assert analysis["supported_prediction"] == supported
+
+
+# ------------------------------------------------------------------------------------- E2: from a common sharp start
+E2_START = {"train": {"status": "converged"}, "curvature": {"frobenius": 10.0, "mu": 1.0}}
+BINDING_LRS = (0.125, 0.2, 0.25, 0.4)  # bounds 1/eta = 8, 5, 4, 2.5 (B = 1, mu = 1) below the start's 10
+FREE_LR = 0.05  # bound 20, above the start
+
+
+def e2_record(lr, frobenius):
+    return {
+        "run_id": f"lr{lr}",
+        "config": {"train": {"lr": lr, "batch_size": 1, "sampling": "with_replacement", "data": {"n": 100}}},
+        "train": {"status": "converged", "steps": 10, "final_loss": 1e-5},
+        "curvature": {
+            "frobenius": frobenius,
+            "frobenius_stderr": 0.0,
+            "lambda_max": frobenius / 2,
+            "top_eigenvalues": [frobenius / 2],
+            "trace": frobenius,
+            "trace_stderr": 0.0,
+            "mu": 1.0,
+            "mu_min": 0.5,
+            "density_grid": [],
+            "density": [],
+        },
+    }
+
+
+def e2_records(settled=lambda bound: 0.8 * bound, free=10.5):
+    return [e2_record(lr, settled(1 / lr)) for lr in BINDING_LRS] + [e2_record(FREE_LR, free)]
+
+
+def e2_checks(records):
+    config = dataclasses.replace(e2_frobenius_bound.default_config("quick"), start_lr=0.01)
+    return e2_frobenius_bound.analyse(records, config, E2_START)["checks"]
+
+
+def test_e2_from_a_common_start_settles_at_its_bounds_with_slope_one():
+    checks = e2_checks(e2_records())
+    assert [c["holds"] for c in checks] == [True] * 5
+    assert "slope 1.00" in checks[3]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("records", "failing"),
+    [
+        (e2_records(settled=lambda bound: 0.3 * bound), 2),  # far below the bound: not selected by it
+        (e2_records(settled=lambda bound: 1.5 * math.sqrt(bound)), 3),  # ratios in band, slope 0.5
+        (e2_records(free=5.0), 4),  # a run free to stay moved to half the start's ||H||_F
+    ],
+)
+def test_e2_start_checks_flip_when_the_data_contradict_them(records, failing):
+    checks = e2_checks(records)
+    assert checks[failing]["holds"] is False
+    assert all(c["holds"] for i, c in enumerate(checks) if i != failing)
+
+
+def test_e2_runs_every_grid_point_from_the_common_gd_start_after_a_warmup(tmp_path):
+    config = dataclasses.replace(
+        smoke_configs()["E2"],
+        lrs=(0.05, 0.1),
+        start_lr=0.05,
+        start_max_steps=600,
+        start_loss_goal=1e-3,
+        start_warmup_steps=20,
+    )
+    analysis = e2_frobenius_bound.run(config, tmp_path)
+    assert analysis["start"]["train"]["status"] == "converged"
+    (start_folder,) = [p for p in (tmp_path / "E2").iterdir() if p.name.startswith("gd-start")]
+    for row in analysis["rows"]:
+        config_json = read_json(tmp_path / "E2" / row["run_id"] / "config.json")
+        assert config_json["train"]["init_from"] == str(start_folder) and config_json["warmup_steps"] == 20
+        # The start already meets the loss goal: only the warm-up's end can stop a run as converged.
+        assert row["steps"] >= 20
+        if "frobenius" in row:
+            assert row["binding"] == (row["start_bound"] < analysis["start"]["curvature"]["frobenius"])
+    assert len(analysis["checks"]) == 5
