@@ -366,9 +366,10 @@ def gd_at_edge(rows: list[dict], lr: float, band: tuple[float, float]) -> tuple[
         return None, "no width started above 2/eta"
     values = [(r["width"], r.get("eta_lambda_max")) for r in started_above]
     text = ", ".join(f"w{w}: {'not converged' if v is None else f'{v:.2f}'}" for w, v in values)
-    if any(v is None for _, v in values):
+    measured = [v for _, v in values if v is not None]
+    if len(measured) < len(values):
         return None, f"eta lambda_max {text}"
-    return all(band[0] <= v <= band[1] for _, v in values), f"eta lambda_max {text}"
+    return all(band[0] <= v <= band[1] for v in measured), f"eta lambda_max {text}"
 
 
 def gd_grows(rows: list[dict], lr: float) -> tuple[bool | None, str]:
