@@ -124,7 +124,7 @@ def test_one_seed_against_the_claim_flips_exactly_its_check(corrupt, failing):
     corrupt(records)
     checks = analyse(records, CONFIG, SCAN)["checks"]
     assert [c["holds"] for c in checks] == [index != failing for index in range(4)]
-    assert checks[failing]["detail"].startswith("2/3 seeds")
+    assert checks[failing]["detail"].startswith("2/3 seeds") and "seed 1: " in checks[failing]["detail"]
 
 
 def test_a_gd_run_that_started_below_its_edge_is_not_held_to_it():
