@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sgdstab.errors import InputError
 from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
@@ -86,6 +87,14 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+
+
+def validate(config: Config) -> None:
+    """InputError for settings the escape analysis cannot use (rows #33, #34 of the reliability review)."""
+    if config.repeats < 2:
+        raise InputError(
+            f"E4.repeats must be >= 2, got {config.repeats}: the escape rate's error bar is the spread over runs"
+        )
 
 
 def default_config(scale: str) -> Config:
