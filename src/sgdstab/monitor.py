@@ -34,10 +34,10 @@ seeded generators, with the same probes at every measurement, so a change along 
 probe noise). Each row records the seconds the measurement took (``monitor_time_s``), and every estimate
 its standard error (``*_stderr``) or, for lambda_max, the Lanczos tolerance it met.
 
-Default accuracy (10 Hutchinson probes, a 10-direction sketch for mu), measured on the quick-scale
-MLP (784-64-1 tanh, MNIST 0 vs 1, n = 500, float64, against dense/exact values; see
-benchmarks/README.md): ||H||_F to about 5% (one standard error), tr H to about 8%, mu to about 1%.
-More probes shrink these as 1/sqrt(num_probes); each costs one more product.
+Default accuracy (10 Hutchinson probes, a 10-direction sketch for mu): on the quick-scale MLP of
+``benchmarks/monitor.py`` (784-64-1 tanh, MNIST 0 vs 1, n = 500) the reported relative standard
+errors are about 5% for ||H||_F and 0.5-1% for mu (benchmarks/README.md); lambda_max meets ``tol``.
+Standard errors shrink as 1/sqrt(num_probes); each probe costs one more product.
 
 Under ``torchrun`` (a ``torch.distributed`` process group of more than one process) every rank
 builds the Monitor with the same global data and calls ``step`` at the same steps: each holds its
