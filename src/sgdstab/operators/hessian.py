@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sgdstab.operators.base import LinearOperator
 from sgdstab.problem import Problem, ProblemError
@@ -28,11 +28,6 @@ class HessianOperator(LinearOperator):
     1.6x faster for iterative solvers (Lanczos) at the price of holding the activations of the
     whole data set in memory. ``None`` (default) caches only when the data set is a single chunk,
     whose graph the chunk size already bounds.
-
-    On CPU, double_backward feeds the image batches of a model with 2-d convolutions in
-    channels-last layout, where oneDNN's convolution kernels run without reordering tensors:
-    measured on the benchmark CNN, an HVP went from 3.8x to 2.8x a plain gradient's CPU time
-    (forward_over_reverse did not gain, so it keeps the caller's layout).
     """
 
     def __init__(
@@ -55,21 +50,10 @@ class HessianOperator(LinearOperator):
         if cache_graph is None:
             cache_graph = backend == "double_backward" and problem.num_samples <= problem.chunk_size
         self._cached_graphs: list[tuple[Tensor, Tensor]] | None = [] if cache_graph else None
-        self._channels_last = (
-            backend == "double_backward"
-            and problem.device.type == "cpu"
-            and any(isinstance(module, nn.Conv2d) for module in problem.model.modules())
-        )
-
-    def _chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.problem.chunks():
-            if self._channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
 
     def _matmat(self, columns: Tensor) -> Tensor:
         if self.backend == "forward_over_reverse":
-            result = sum(self._forward_over_reverse(columns, x, y) for x, y in self._chunks())
+            result = sum(self._forward_over_reverse(columns, x, y) for x, y in self.problem.chunks())
         else:
             result = sum(
                 torch.stack(
@@ -85,7 +69,7 @@ class HessianOperator(LinearOperator):
         if self._cached_graphs:
             yield from self._cached_graphs
             return
-        for x, y in self._chunks():
+        for x, y in self.problem.chunks():
             theta = self.theta.clone().requires_grad_(True)
             with torch.enable_grad():
                 loss = self.problem.chunk_loss_sum(theta, x, y)
