@@ -774,7 +774,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--cnn-channels", default=None, help="default 8,16,16 (4,4,8 with --quick)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="merge these result files into --output; run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
@@ -831,15 +840,32 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     results["wall_s"] = time.perf_counter() - start
+    report_and_write(results, args.output)
+    return results
+
+
+def report_and_write(results: dict, output: Path) -> None:
     print_table(results)
     for name, res in results["workloads"].items():
         for target, t in res["targets"].items():
             print(f"{name}: {target}: {t['value']:.3g} (goal {t['goal']}) {'met' if t['met'] else 'MISSED'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=float))
-    tmp.replace(args.output)
-    print(f"wrote {args.output} ({results['wall_s']:.0f} s)")
+    tmp.replace(output)
+    print(f"wrote {output} ({results['wall_s']:.0f} s)")
+
+
+def merge(paths: list[Path], output: Path) -> dict:
+    """One table and JSON from runs of single workloads (run side by side on a shared machine,
+    each in its own one-thread process: CPU-time clocks do not see each other)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    results = {**runs[0], "merged_from": [str(p) for p in paths], "workloads": {}}
+    results["command"] = [run["command"] for run in runs]
+    results["wall_s"] = max(run["wall_s"] for run in runs)
+    for run in runs:
+        results["workloads"].update(run["workloads"])
+    report_and_write(results, output)
     return results
 
 
