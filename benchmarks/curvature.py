@@ -77,7 +77,7 @@ warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian'
 # ------------------------------------------------------------------------------- workloads
 def make_mlp(widths: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.Tanh())
@@ -149,7 +149,7 @@ class Peers:
         n = self.n
         # sgdstab's L as a PyHessian criterion on the full batch.
         self.pyhessian_criterion = lambda outputs, targets: (outputs - targets).pow(2).sum() / (2 * n)
-        chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size)))
+        chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size), strict=True))
         curvlinops_h = HessianLinearOperator(
             self.model,
             nn.MSELoss(reduction="sum"),
@@ -172,13 +172,16 @@ class Peers:
             p.grad = None
 
     def to_list(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in self.params]), self.params)]
+        return [
+            piece.view_as(p)
+            for piece, p in zip(v.split([p.numel() for p in self.params]), self.params, strict=True)
+        ]
 
     def autograd_gradient(self) -> None:
         """The gradient of L by plain autograd, over the same chunks as sgdstab and curvlinops."""
         for p in self.params:
             p.grad = None
-        for x, y in zip(self.x.split(self.chunk_size), self.y.split(self.chunk_size)):
+        for x, y in zip(self.x.split(self.chunk_size), self.y.split(self.chunk_size), strict=True):
             self.pyhessian_criterion(self.model(x), y).backward()
 
 
@@ -206,7 +209,7 @@ class PyHessianRecorder:
             hv = self._original(gradsH, params, v)
             self.count += 1
             if self.record:
-                theta = float(sum((a * b).sum() for a, b in zip(hv, v)))
+                theta = float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))
                 self.records.append((clock(), theta))
                 if self.stop_when is not None and self.stop_when(self.records):
                     raise PyHessianRecorder.Enough
@@ -297,7 +300,7 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
     for r in range(repeats):
         # cache_graph: PyHessian also builds its gradient graph once and reuses it for every HVP.
         t, res = timed(
-            lambda: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
+            lambda r=r: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
         )
         value = float(res.values[0])
         ours.append(
@@ -350,9 +353,9 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
         "sgdstab": ours,
         "pyhessian_own_rule": own,
         "pyhessian_to_1e-3": oracle,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle, strict=True)]),
         "speedup_vs_own_rule": median(
-            [p["time_s"] / o["time_s"] for o, p in zip(ours, own) if p is not None] or [math.nan]
+            [p["time_s"] / o["time_s"] for o, p in zip(ours, own, strict=True) if p is not None] or [math.nan]
         ),
     }
 
@@ -362,7 +365,7 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     for r in range(repeats):
         # ``block`` probes, then 32 more (the default block_size) until the stderr is 5%.
         t, res = timed(
-            lambda: trace(
+            lambda r=r: trace(
                 hessian(peers.problem, cache_graph=True),
                 num_probes=block,
                 target_rel_stderr=TRACE_REL_STDERR,
@@ -386,8 +389,8 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     return {
         "sgdstab": ours,
         "pyhessian": theirs,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
-        "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs, strict=True)]),
+        "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs, strict=True)]),
         "z_score": _z(ours, theirs),
     }
 
@@ -398,11 +401,15 @@ def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
         t, res = timed(
-            lambda: trace(hessian(peers.problem, cache_graph=True), target_rel_error=TRACE_REL_ERROR, seed=r)
+            lambda r=r: trace(
+                hessian(peers.problem, cache_graph=True), target_rel_error=TRACE_REL_ERROR, seed=r
+            )
         )
         ours.append({"time_s": t, "value": res.value, "stderr": res.stderr, "num_matvecs": res.num_matvecs})
         torch.manual_seed(r)  # curvlinops draws its test vectors from the global generator
-        t, value = timed(lambda: curvlinops_xtrace(peers.curvlinops_hessian, num_matvecs=res.num_matvecs))
+        t, value = timed(
+            lambda res=res: curvlinops_xtrace(peers.curvlinops_hessian, num_matvecs=res.num_matvecs)
+        )
         theirs.append({"time_s": t, "value": float(value), "num_matvecs": res.num_matvecs})
 
     def pyhessian_time_at(rel_stderr: float, row: dict) -> float:
@@ -416,13 +423,18 @@ def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
         "speedup_vs_pyhessian_at_equal_stderr": median(
             [
                 pyhessian_time_at(o["stderr"] / abs(o["value"]), p) / o["time_s"]
-                for o, p in zip(ours, pyhessian)
+                for o, p in zip(ours, pyhessian, strict=True)
             ]
         ),
         "speedup_vs_pyhessian_at_5pct_stderr": median(
-            [pyhessian_time_at(TRACE_REL_ERROR, p) / o["time_s"] for o, p in zip(ours, pyhessian)]
+            [
+                pyhessian_time_at(TRACE_REL_ERROR, p) / o["time_s"]
+                for o, p in zip(ours, pyhessian, strict=True)
+            ]
         ),
-        "speedup_vs_curvlinops_xtrace": median([c["time_s"] / o["time_s"] for o, c in zip(ours, theirs)]),
+        "speedup_vs_curvlinops_xtrace": median(
+            [c["time_s"] / o["time_s"] for o, c in zip(ours, theirs, strict=True)]
+        ),
         "z_score_vs_pyhessian": _z(ours, pyhessian),
     }
 
@@ -440,7 +452,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
         t, res = timed(
-            lambda: frobenius_norm(
+            lambda r=r: frobenius_norm(
                 hessian(peers.problem, cache_graph=True), num_probes=num_probes, block_size=num_probes, seed=r
             )
         )
@@ -464,7 +476,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
         "curvlinops": theirs,
         "sgdstab_spread": statistics.stdev(o["value"] for o in ours) if repeats > 1 else math.nan,
         "curvlinops_spread": spread,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs, strict=True)]),
         "z_score": _z(ours, theirs) if repeats > 1 else math.nan,
     }
 
@@ -479,11 +491,12 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
     h_cached = hessian(peers.problem, cache_graph=True)
     v_list = peers.to_list(v)
 
+    ph = peers.pyhessian()
+
     def pyhessian_reused():
         # The HVP PyHessian repeats on a graph built once (build not timed here).
         return _pyhessian_module.hessian_vector_product(ph.gradsH, ph.params, v_list)
 
-    ph = peers.pyhessian()
     cases = {
         "gradient (torch autograd)": (peers.autograd_gradient, 1),
         "gradient (sgdstab Problem.gradient)": (peers.problem.gradient, 1),
@@ -497,20 +510,19 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
         "PyHessian HVP on its reused graph": (pyhessian_reused, 1),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, (fn, columns) in cases.items():  # warm-up (torch.func first-call overhead)
+    for fn, columns in cases.values():  # warm-up (torch.func first-call overhead)
         if columns == 1:
             fn()
     for _ in range(repeats):
         for name, (fn, columns) in cases.items():
             times[name].append(timed(fn)[0] / columns)
-    del ph
     peers.release_pyhessian()
     grad = times["gradient (torch autograd)"]
     return {
         name: {
             "time_s": median(ts),
             "times_s": ts,
-            "ratio_to_gradient": median([t / g for t, g in zip(ts, grad)]),
+            "ratio_to_gradient": median([t / g for t, g in zip(ts, grad, strict=True)]),
         }
         for name, ts in times.items()
     }
@@ -654,7 +666,7 @@ def print_table(results: dict) -> None:
     except ImportError:
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         for r in [header] + rows:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
         return
     m = results["machine"]
     table = Table(
