@@ -14,9 +14,11 @@ satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -170,7 +172,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 NAME,
                 f"sgd-r{repeat}",
                 spec_config(spec, settle=settle, **(_settle_settings(config) if settle else {})),
-                lambda folder, spec=spec, settle=settle: _escape(folder, spec, config, settle),
+                functools.partial(_escape, spec=spec, config=config, settle=settle),
             )
         )
     progress(NAME, total, total)
@@ -184,6 +186,8 @@ def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
     if result.status != "converged":
         return final
     curvature = curvature_summary(problem, **config.measure.kwargs())
+    if curvature.mu is None or curvature.gn_frobenius is None:
+        raise InputError("E4 needs the alignment factor mu: set E4.measure.alignment to exact or stochastic")
     noise = batch_noise_factor(problem.num_samples, config.batch_size, config.sampling)
     # eta with eta^2 p_B mu ||H||_F^2 = escape_factor, from the exact ||G||_F (= ||H||_F at an interpolating minimum).
     sgd_lr = config.sgd_lr or escape_learning_rate(
@@ -297,7 +301,7 @@ def escape_rate(
 
 
 def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
-    analysis = {
+    analysis: dict[str, Any] = {
         "experiment": NAME,
         "title": TITLE,
         "claim": CLAIM,

@@ -13,6 +13,7 @@ eta*. Which criteria are necessary, and the words of the claim, come from the re
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 NAME,
                 minimum.label.replace(" ", "-"),
                 spec_config(spec, minimum_label=minimum.label, **settings),
-                lambda folder, spec=spec: _criteria(folder, spec, config),
+                functools.partial(_criteria, spec=spec, config=config),
             )
         )
     progress(NAME, len(config.minima), len(config.minima))

@@ -50,16 +50,16 @@ class HessianOperator(ProblemOperator):
         self._cached_graphs: list[tuple[Tensor, Tensor]] | None = [] if cache_graph else None
 
     def _matmat(self, columns: Tensor) -> Tensor:
+        result = torch.zeros_like(columns)
         if self.backend == "forward_over_reverse":
-            result = sum(self._forward_over_reverse(columns, x, y) for x, y in self.problem.chunks())
+            for x, y in self.problem.chunks():
+                result += self._forward_over_reverse(columns, x, y)
         else:
-            result = sum(
-                torch.stack(
+            for theta, grad in self._gradient_graphs():
+                result += torch.stack(
                     [torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T],
                     1,
                 )
-                for theta, grad in self._gradient_graphs()
-            )
         return self.problem.reduce_sum(result) / self.problem.num_samples
 
     def _gradient_graphs(self) -> Iterator[tuple[Tensor, Tensor]]:
