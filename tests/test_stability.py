@@ -385,3 +385,24 @@ def test_diverged_weights_are_named_not_diagnosed_as_a_zero_ntk():
         stability(problem, lr=0.1, batch_size=2)
     with pytest.raises(DataError, match="parameters are NaN"):
         simulate_linearized_sgd(problem, 0.1, 2, num_steps=2, num_chains=4)
+
+
+def test_one_precomputed_spectrum_serves_stability_simulation_and_alignment():
+    # The callers that analyse one point several times (experiments, the monitor) build K once.
+    from sgdstab.alignment import alignment
+    from sgdstab.sample_space import build_gram_spectrum
+
+    problem = _minimum(12, 7, 2)
+    spectrum = build_gram_spectrum(problem)
+    assert stability(problem, lr=0.3, batch_size=3, spectrum=spectrum) == stability(
+        problem, lr=0.3, batch_size=3
+    )
+    given = simulate_linearized_sgd(problem, 0.3, 3, num_steps=4, num_chains=20, spectrum=spectrum)
+    rebuilt = simulate_linearized_sgd(problem, 0.3, 3, num_steps=4, num_chains=20)
+    torch.testing.assert_close(given.loss_mean, rebuilt.loss_mean, rtol=0, atol=0)
+    noisy = Problem(problem.model, all_data(problem)[0], all_data(problem)[1] + 0.1)
+    assert alignment(noisy, hessian=False, spectrum=spectrum) == alignment(noisy, hessian=False)
+    with pytest.raises(InputError, match="n=7 samples x C=2 outputs"):
+        stability(_minimum(12, 6, 2), lr=0.3, batch_size=3, spectrum=spectrum)
+    with pytest.raises(InputError, match='method="exact" only'):
+        alignment(noisy, method="stochastic", spectrum=spectrum)

@@ -6,7 +6,7 @@ section 2) and in the linear stability of SGD at a minimum (section 3) is a func
 residuals, so the exact paths build K once (nC x nC) and never a p x p matrix.
 
 K is accumulated block by block, upper triangle only: a panel of Jacobian rows J_a times every
-later panel J_b. When the whole J (nC x p) fits ``max_jacobian_entries`` it is computed once and
+later panel J_b, each product written to both triangles at once (no second nC x nC copy). When the whole J (nC x p) fits ``max_jacobian_entries`` it is computed once and
 sliced; otherwise each panel is recomputed on every pass over the data, so memory holds two
 panels and K, whatever p.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sgdstab.errors import DataError, ResourceLimitError
+from sgdstab.errors import DataError, InputError, ResourceLimitError
 from sgdstab.problem import Problem
 
 #: Entries of J held in memory at once (2**27 float32 = 512 MiB).
@@ -95,14 +95,17 @@ def gram_matrix(
         def panels(first_row: int) -> Iterator[tuple[slice, Tensor]]:
             return jacobian_panels(problem, theta, samples_per_panel, first_row)
 
+    # Each off-diagonal product is written to both triangles as it is made, so K exists once and
+    # is exactly symmetric; only a panel x panel product is extra.
     gram = torch.empty(size, size, dtype=problem.dtype, device=problem.device)
     with torch.no_grad():
         for rows_a, block_a in panels(0):
-            gram[rows_a, rows_a] = block_a @ block_a.T
+            diagonal = block_a @ block_a.T
+            gram[rows_a, rows_a] = torch.triu(diagonal) + torch.triu(diagonal, diagonal=1).T
             for rows_b, block_b in panels(rows_a.stop):
-                gram[rows_a, rows_b] = block_a @ block_b.T
-        gram = torch.triu(gram)
-        gram += torch.triu(gram, diagonal=1).T
+                product = block_a @ block_b.T
+                gram[rows_a, rows_b] = product
+                gram[rows_b, rows_a] = product.T
     return gram
 
 
@@ -155,6 +158,37 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     if not bool(keep.any()):
         raise DataError("K = J J^T is zero at these parameters: the model's outputs do not depend on theta")
     return GramSpectrum(gram64, values[keep], vectors[:, keep], size // num_outputs, num_outputs)
+
+
+def build_gram_spectrum(
+    problem: Problem,
+    theta: Tensor | None = None,
+    rank_rtol: float | None = None,
+    max_jacobian_entries: int = DEFAULT_MAX_JACOBIAN_ENTRIES,
+    max_gram_entries: int = DEFAULT_MAX_GRAM_ENTRIES,
+    hint: str = "raise max_gram_entries or use fewer samples",
+) -> GramSpectrum:
+    """K at ``theta`` and its spectrum on range(K): ``gram_matrix`` then ``gram_spectrum``, once.
+
+    Pass the result as ``spectrum=`` to ``alignment(method="exact")``, ``stability`` and
+    ``simulate_linearized_sgd`` at the same point and they skip building K and its (nC)^3
+    eigendecomposition. Only the float64 K is kept (the problem-dtype K is freed).
+    """
+    gram = gram_matrix(problem, theta, max_jacobian_entries, max_gram_entries, hint)
+    return gram_spectrum(gram, problem.num_outputs, rank_rtol)
+
+
+def check_spectrum_matches(spectrum: GramSpectrum, problem: Problem) -> None:
+    """Refuse a precomputed spectrum whose shape says it belongs to another problem.
+
+    Only the shape can be checked; that it was computed at the same parameters is the caller's word.
+    """
+    if (spectrum.num_samples, spectrum.num_outputs) != (problem.num_samples, problem.num_outputs):
+        raise InputError(
+            f"the given spectrum is of a K for n={spectrum.num_samples} samples x C={spectrum.num_outputs} "
+            f"outputs, but the problem has n={problem.num_samples} x C={problem.num_outputs}; build it "
+            "with sample_space.build_gram_spectrum(problem, theta) for this problem and point"
+        )
 
 
 def worst_case_alignment(spectrum: GramSpectrum) -> float:
