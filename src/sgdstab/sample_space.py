@@ -124,6 +124,7 @@ class GramSpectrum:
     """K = V diag(w) V^T restricted to range(K): the eigenpairs with w above the rank tolerance.
 
     ``values`` (r,) ascending and ``vectors`` (nC, r) are float64; ``gram`` is K in float64.
+    ``source_dtype``: the dtype K was computed in (the problem's), which bounds its accuracy.
     """
 
     gram: Tensor
@@ -131,6 +132,7 @@ class GramSpectrum:
     vectors: Tensor
     num_samples: int
     num_outputs: int
+    source_dtype: torch.dtype = torch.float64
 
     @property
     def rank(self) -> int:
@@ -157,7 +159,7 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     keep = values > rtol * torch.linalg.matrix_norm(gram64).item()
     if not bool(keep.any()):
         raise DataError("K = J J^T is zero at these parameters: the model's outputs do not depend on theta")
-    return GramSpectrum(gram64, values[keep], vectors[:, keep], size // num_outputs, num_outputs)
+    return GramSpectrum(gram64, values[keep], vectors[:, keep], size // num_outputs, num_outputs, gram.dtype)
 
 
 def build_gram_spectrum(
