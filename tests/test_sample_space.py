@@ -1,13 +1,17 @@
 """The sample-space NTK K = J J^T against a Jacobian built densely by torch.func.jacrev."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from reference import all_data, assert_matches, dense_gram, mlp_problem
 from sgdstab import InputError, Problem
 from sgdstab.sample_space import (
+    DEFAULT_MAX_GRAM_ENTRIES,
     block_congruence,
     build_gram_spectrum,
+    check_gram_fits,
     check_spectrum_matches,
     gram_matrix,
     gram_spectrum,
@@ -80,3 +84,10 @@ def test_built_spectrum_equals_gram_then_spectrum_and_refuses_another_problem():
     check_spectrum_matches(built, problem)
     with pytest.raises(InputError, match=r"n=9 samples x C=2 outputs.*n=9 x C=3"):
         check_spectrum_matches(built, _mlp_problem(3))
+
+
+def test_the_default_budget_admits_nc_8192_and_names_the_argument_above():
+    for n, outputs in ((8192, 1), (819, 10)):
+        check_gram_fits(SimpleNamespace(num_samples=n, num_outputs=outputs), DEFAULT_MAX_GRAM_ENTRIES, "")
+    with pytest.raises(MemoryError, match="8200 x 8200.*max_gram_entries="):
+        check_gram_fits(SimpleNamespace(num_samples=820, num_outputs=10), DEFAULT_MAX_GRAM_ENTRIES, "")
