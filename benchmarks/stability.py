@@ -126,6 +126,8 @@ def _exact_large(case: dict) -> dict:
     def timed(name, function):
         value, seconds = _timed(function)
         row[f"{name}_seconds"], row[f"{name}_cpu_seconds"] = seconds, _timed.cpu
+        # Stage by stage on stderr (which the driver passes through): a run stopped for time keeps them.
+        print(f"  {name}: {seconds:.1f} s wall, {_timed.cpu:.1f} s CPU", file=sys.stderr, flush=True)
         return value
 
     gram = timed("gram", lambda: gram_matrix(problem))
@@ -314,11 +316,10 @@ def main() -> None:
     for case in selected:
         load = os.getloadavg()[0]
         command = [sys.executable, __file__, "--threads", str(args.threads), "--case", json.dumps(case)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        # The case's stderr (progress, or a traceback) goes straight to ours.
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            row = dict(
-                error=done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"
-            )
+            row = dict(error=f"exit {done.returncode} (the case's stderr is printed above)")
         else:
             row = json.loads(done.stdout.strip().splitlines()[-1])
         row.update(
