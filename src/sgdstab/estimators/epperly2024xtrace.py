@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import gaussian, make_generator
 from sgdstab.estimators.results import TraceResult
 from sgdstab.operators import LinearOperator
@@ -162,7 +163,7 @@ def xtrace(
     check_positive_int("num_matvecs", num_matvecs)
     check_positive_int("block_size", block_size)
     if num_matvecs < 4:
-        raise ValueError(
+        raise InputError(
             f"xtrace needs num_matvecs >= 4 (two test vectors and their basis), got {num_matvecs}"
         )
     generator = make_generator(op, seed, generator)
@@ -202,9 +203,9 @@ def xtrace_to_error(
     ):
         check_positive_int(name, value)
     if initial_tests < 2:
-        raise ValueError(f"initial_tests must be >= 2 for an error estimate, got {initial_tests}")
+        raise InputError(f"initial_tests must be >= 2 for an error estimate, got {initial_tests}")
     if max_matvecs < 2 * initial_tests:
-        raise ValueError(
+        raise InputError(
             f"max_matvecs={max_matvecs} cannot pay for initial_tests={initial_tests} test vectors "
             f"(two products each); raise max_matvecs to at least {2 * initial_tests}"
         )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import make_generator, rademacher
 from sgdstab.estimators.epperly2024xtrace import xtrace_to_error
 from sgdstab.estimators.results import FrobeniusResult, TraceResult
@@ -109,7 +110,7 @@ def trace(
     """
     if target_rel_error is not None:
         if target_rel_stderr is not None:
-            raise ValueError("give target_rel_error (XTrace) or target_rel_stderr (Hutchinson), not both")
+            raise InputError("give target_rel_error (XTrace) or target_rel_stderr (Hutchinson), not both")
         return xtrace_to_error(op, target_rel_error, seed=seed, generator=generator)
     samples, num_matvecs = _sample_probes(
         op,

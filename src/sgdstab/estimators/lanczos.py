@@ -21,6 +21,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import check_num_eigenvalues, gaussian, make_generator, select_extremal
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
@@ -181,7 +182,7 @@ def top_eigenvalues(
     wanted = 2 * k if which == "both" else k
     max_iter = max(300, 10 * k) if max_iter is None else check_positive_int("max_iter", max_iter)
     if max_iter < wanted:
-        raise ValueError(f"max_iter={max_iter} is below the {wanted} eigenvalues asked for")
+        raise InputError(f"max_iter={max_iter} is below the {wanted} eigenvalues asked for")
     max_iter = min(max_iter, op.size)
 
     generator = make_generator(op, seed, generator)
@@ -189,7 +190,7 @@ def top_eigenvalues(
     if init is None:
         start = gaussian(op, 1, generator)
     elif init.shape != (op.size,) or not bool(torch.isfinite(init).all()) or not bool(init.any()):
-        raise ValueError(
+        raise InputError(
             f"init must be a finite, nonzero vector of length {op.size}, got shape {tuple(init.shape)}"
         )
     else:
