@@ -116,6 +116,11 @@ def alignment(
         worst_case: compute mu_min (exact method; costs two (nC)^3 eigendecompositions), over
             range(K) as ``sample_space.gram_spectrum`` cuts it with ``rank_rtol``.
         max_jacobian_entries: above this J is not stored and K is built panel by panel.
+        max_gram_entries: the exact method refuses (``ResourceLimitError``) a K with more entries.
+        rank_rtol: relative cut-off of K's numerical rank (``sample_space.gram_spectrum``).
+        num_probes: stochastic method: Hutchinson probes for each of the two sums.
+        sketch_size: stochastic method: directions of K deflated exactly before the probes.
+        seed: stochastic method: the seed of every random draw (same seed, same numbers).
         spectrum: exact method only: K's spectrum at ``theta`` from
             ``sample_space.build_gram_spectrum`` (e.g. the one ``stability`` uses at the same
             point); K is then not rebuilt nor eigendecomposed, and ``rank_rtol`` and the budgets
