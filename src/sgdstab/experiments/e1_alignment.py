@@ -417,5 +417,6 @@ def _analyse_multiclass(
             r["c_mu_final"] / r["mu_output_mean_final"] for r in measured if r["mu_output_mean_final"]
         ],
         "block_share": [r["block_share_final"] for r in measured],
+        "c_mu_order_one": checks[2]["holds"],
     }
     return rows, checks, normalisation
