@@ -41,7 +41,7 @@ from sgdstab.sample_space import gram_matrix
 
 #: (channels, height, width, classes) of each data set, for synthetic stand-ins.
 SHAPES = {"cifar10": (3, 32, 32, 10), "fashion_mnist": (1, 28, 28, 10), "mnist": (1, 28, 28, 10)}
-TINY_MODELS = {
+TINY_MODELS: dict[str, dict[str, Any]] = {
     "vgg": {"depth": [1], "width": 2},
     "resnet": {"depth": [1], "width": 2},
     "mlp": {"width": 4, "depth": 2, "activation": "tanh"},
@@ -289,7 +289,7 @@ def main() -> None:
             f"{u['experiment']:4} {u['data']:14} {u['n']:>5} {u['label'][:16]:16} {u['params']:>9} {str(u['batch_size']):>5} {u['runs']:>4} "
             f"{u['steps']:>7} {1000 * u['seconds_per_step']:>8.2f} {meas:>7} {u['gpu_hours']:>7.3f}"
         )
-    by_experiment = {}
+    by_experiment: dict[str, float] = {}
     for u in units:
         by_experiment[u["experiment"]] = by_experiment.get(u["experiment"], 0.0) + u["gpu_hours"]
     print("GPU-hours per experiment: " + ", ".join(f"{k} {v:.2f}" for k, v in by_experiment.items()))
