@@ -54,7 +54,7 @@ def test_a_failed_claim_is_reported_as_failed(smoke_suite, tmp_path):
     analysis["checks"][0].update(holds=False, detail="min mu per family: linear: 0.001")
     write_json_atomic(tmp_path / "E1" / "analysis.json", analysis)
     markdown = write_report(tmp_path)[0].read_text()
-    assert "| E1 |" in markdown and "| does not hold | min mu per family: linear: 0.001 |" in markdown
+    assert "| E1 |" in markdown and "| does not hold | min mu per family: linear: 0.001 " in markdown
     assert "[does not hold] min mu" in markdown
     assert "| E3 |" not in markdown  # only what was run is reported
 

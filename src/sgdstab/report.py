@@ -65,7 +65,9 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _plot_e1(analysis: dict, fig: Figure) -> None:
-    mu_axis, loss_axis = fig.subplots(1, 2)
+    multiclass = [row for row in analysis.get("multiclass_rows", []) if row["curve"]]
+    axes = fig.subplots(1, 3 if multiclass else 2)
+    mu_axis, loss_axis = axes[0], axes[1]
     for row in analysis["rows"]:
         steps = [p["step"] for p in row["curve"]]
         mu_axis.plot(steps, [p["mu"] for p in row["curve"]], marker="o", ms=3, label=row["family"])
@@ -76,6 +78,30 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
     mu_axis.set(xlabel="SGD step", ylabel="alignment factor mu", ylim=(0, None), title="mu along training")
     loss_axis.set(xlabel="SGD step", ylabel="training loss", title="loss")
     mu_axis.legend(fontsize=8)
+    if multiclass:
+        axis = axes[2]
+        for index, row in enumerate(multiclass):
+            steps = [p["step"] for p in row["curve"]]
+            label = f"{row['data']} n={row['n']}"
+            axis.plot(
+                steps,
+                [p["c_mu"] for p in row["curve"]],
+                "o-",
+                ms=3,
+                color=f"C{index}",
+                label=f"C mu, {label}",
+            )
+            axis.plot(
+                steps, [p["mu"] for p in row["curve"]], "x:", ms=3, color=f"C{index}", label=f"mu, {label}"
+            )
+            axis.plot(steps, [p["mu_output_mean"] for p in row["curve"]], "--", lw=0.8, color=f"C{index}")
+        axis.axhline(floor, color="k", ls=":", lw=1)
+        axis.set(
+            xlabel="SGD step",
+            ylim=(0, None),
+            title=f"C = {multiclass[0]['C']} one-hot outputs (dashed: mean mu_a)",
+        )
+        axis.legend(fontsize=6)
 
 
 def _plot_e2(analysis: dict, fig: Figure) -> None:
@@ -329,6 +355,72 @@ COLUMNS = {
 }
 
 
+MULTICLASS_COLUMNS = [
+    ("family", "family"),
+    ("data", "data"),
+    ("n", "n"),
+    ("C", "C"),
+    ("eta", "lr"),
+    ("status", "status"),
+    ("final loss", "final_loss"),
+    ("min mu", "mu_min"),
+    ("min C mu", "c_mu_min"),
+    ("max C mu", "c_mu_max"),
+    ("final C mu", "c_mu_final"),
+    ("min mu_a (any output)", "mu_output_min"),
+    ("final mean mu_a", "mu_output_mean_final"),
+    ("final diagonal share of ||K||_F^2", "block_share_final"),
+]
+
+
+def _e1_multiclass_blocks(analysis: dict) -> list[Block]:
+    """The multi-class arm of E1: which normalisation of mu is of order one, and the bound's constant."""
+    rows, skipped = analysis.get("multiclass_rows", []), analysis.get("multiclass_skipped", [])
+    if not rows and not skipped:
+        return []
+    blocks: list[Block] = [("heading", 3, "E1 with C one-hot outputs")]
+    norm = analysis.get("normalisation") or {}
+    if norm:
+        outputs = norm["num_outputs"]
+        low, high = norm["c_mu_range"]
+        binary = norm["bound_constant_binary"]
+        versus = (
+            f", against {binary:.3g} for the one-output (+-1) families above (ratio "
+            f"{norm['bound_constant'] / binary:.3g}; sqrt(C) = {math.sqrt(outputs):.3g})"
+            if binary
+            else ""
+        )
+        blocks.append(
+            (
+                "text",
+                f"With C = {outputs} one-hot outputs mu itself lies between {norm['mu_range'][0]:.3g} and "
+                f"{norm['mu_range'][1]:.3g} (1/C = {1 / outputs:.3g}); C mu lies between {low:.3g} and {high:.3g} "
+                "along training, at every n and on every data set measured"
+                + (
+                    ", so C mu is the quantity of order one. "
+                    if norm.get("c_mu_order_one")
+                    else ", outside the order-one range of the check: no normalisation is established here. "
+                )
+                + "Each output alone (its own NTK block K_aa and residuals e_a) has mu_a >= "
+                + f"{min(r['mu_output_min'] for r in rows):.3g} along training; the output-diagonal blocks hold a "
+                "share of ||K||_F^2 of "
+                + ", ".join(f"{v:.2f}" for v in norm["block_share"])
+                + " at the end (1 is the case where mu = mean_a mu_a / C exactly); C mu / mean mu_a at the end: "
+                + ", ".join(f"{v:.2f}" for v in norm["c_mu_over_output_mean"])
+                + f". The bound of SPEC.md section 3 keeps its form with SPEC's mu: ||H||_F <= sqrt(B/mu)/eta "
+                f"= sqrt(C B / (C mu))/eta, i.e. k sqrt(B)/eta with k = 1/sqrt(min mu) = "
+                f"{norm['bound_constant']:.3g} for C = {outputs}{versus}.",
+            )
+        )
+    if rows:
+        blocks.append(_table(rows, MULTICLASS_COLUMNS))
+    for entry in skipped:
+        blocks.append(
+            ("text", f"Skipped: {entry['data']} (n={entry['n']}, {entry['family']}): {entry['reason']}")
+        )
+    return blocks
+
+
 def _e4_rows(analysis: dict) -> list[dict]:
     minimum = analysis["minimum"]
     if "measured" not in analysis:
@@ -383,6 +475,8 @@ def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Pa
         )
     else:
         blocks.append(_table(analysis["rows"], COLUMNS[name]))
+    if name == "E1":
+        blocks += _e1_multiclass_blocks(analysis)
     return blocks
 
 
@@ -393,7 +487,7 @@ def _plottable(name: str, analysis: dict) -> bool:
     if name in ("E2", "E3"):
         return any("frobenius" in row for row in analysis["rows"])
     if name == "E1":
-        return any(row["curve"] for row in analysis["rows"])
+        return any(row["curve"] for row in (*analysis["rows"], *analysis.get("multiclass_rows", [])))
     return bool(analysis["rows"])
 
 

@@ -57,7 +57,9 @@ def test_e1_measures_mu_on_its_schedule(smoke_suite):
         assert [p["step"] for p in row["curve"]] == [0, 20, 40]
         assert all(0 < p["mu"] < 10 for p in row["curve"])
         assert row["mu_min"] == min(p["mu"] for p in row["curve"])
-    assert analyses["E1"]["holds"] == (min(r["mu_min"] for r in rows) >= analyses["E1"]["config"]["mu_floor"])
+    assert analyses["E1"]["checks"][0]["holds"] == (
+        min(r["mu_min"] for r in rows) >= analyses["E1"]["config"]["mu_floor"]
+    )
 
 
 def test_e2_marks_divergence_and_compares_with_the_bound(smoke_suite):

@@ -121,6 +121,11 @@ def smoke_configs() -> dict[str, Any]:
                 ModelConfig("vgg", {"depth": [1], "width": 2}, label="CNN"),
             ),
             lrs=(0.002, 0.01),
+            multiclass_data=(quick_data(n=20, classes=None, targets="onehot"),),
+            multiclass_families=(ModelConfig("mlp", {"width": 4, "activation": "tanh"}),),
+            multiclass_lrs=(0.05,),
+            multiclass_max_steps=40,
+            multiclass_measure_every=20,
         ),
         "E2": dataclasses.replace(
             quick["E2"],

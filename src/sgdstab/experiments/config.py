@@ -6,8 +6,9 @@ hyperparameters; ``to_dict`` turns it into the JSON written to ``config.json``, 
 as JSON, so ``"[0.05, 0.1]"`` is a list and ``"null"`` is None).
 
 Scales: "quick" is a CPU laptop budget (MNIST subset, 2 classes with +-1 targets so nC = n,
-small fully connected and convolutional nets); "full" is CIFAR-10 with VGG/ResNet-style nets for a
-GPU. The paper's own hyperparameters are not known (SPEC.md section 4): the presets are choices,
+small fully connected and convolutional nets); "full" is 2-class CIFAR-10 (``full_data``) and
+10-class Fashion-MNIST (``full_fashion_data``) with the nets of ``FULL_MODELS`` (VGG-11 and
+ResNet-20 without BatchNorm), sized for one GPU per run. The paper's own hyperparameters are not known (SPEC.md section 4): the presets are choices,
 recorded in every run's config.
 """
 
@@ -54,6 +55,26 @@ def quick_data(**changes: Any) -> DataConfig:
 def full_data(**changes: Any) -> DataConfig:
     """CIFAR-10 airplane vs automobile, +-1 targets (the 2-class CIFAR-10 of Wu, Ma & E 2018)."""
     return dataclasses.replace(DataConfig(name="cifar10", n=2000, classes=(0, 1), targets="pm1"), **changes)
+
+
+def full_fashion_data(**changes: Any) -> DataConfig:
+    """Fashion-MNIST, all 10 classes one-hot, 1000 samples (the Fashion-MNIST set of Wu, Ma & E 2018).
+
+    Files from Debian's ``dataset-fashion-mnist`` by default (``sgdstab.data.FASHION_MNIST_DIR``).
+    """
+    return dataclasses.replace(
+        DataConfig(name="fashion_mnist", n=1000, classes=None, targets="onehot"), **changes
+    )
+
+
+#: The full-scale nets, one GPU per run: no BatchNorm, so curvature is that of the trained function.
+#: VGG-11 at width 16 (channels 16-32-64-128-128, about 0.9 M parameters on CIFAR-10), the CIFAR
+#: ResNet-20 of He et al. (2016) at width 16, and a 3-layer tanh net of width 512.
+FULL_MODELS: dict[str, ModelConfig] = {
+    "mlp": ModelConfig("mlp", {"width": 512, "depth": 3, "activation": "tanh"}, label="fully connected"),
+    "vgg": ModelConfig("vgg", {"depth": 11, "width": 16}, label="VGG-11"),
+    "resnet": ModelConfig("resnet", {"depth": 20, "width": 16}, label="ResNet-20"),
+}
 
 
 def preset(scale: str, quick: Any, full: Any) -> Any:
