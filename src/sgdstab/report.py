@@ -108,7 +108,7 @@ def _plot_e2(analysis: dict, fig: Figure) -> None:
     axis = fig.subplots()
     converged = [r for r in analysis["rows"] if "frobenius" in r]
     sizes = sorted({r["batch_size"] for r in analysis["rows"]})
-    colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4))
+    colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4, strict=False))
     for size in sizes:
         group = [r for r in converged if r["batch_size"] == size]
         axis.errorbar(
@@ -643,7 +643,7 @@ def write_report(root: str | os.PathLike) -> tuple[Path, Path]:
     root = Path(root)
     blocks = build_blocks(root)
     paths = (root / "report.md", root / "report.html")
-    for path, text in zip(paths, (render_markdown(blocks), render_html(blocks))):
+    for path, text in zip(paths, (render_markdown(blocks), render_html(blocks)), strict=True):
         with atomic_write(path) as f:
             f.write(text)
     return paths
