@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -173,12 +174,96 @@ def test_the_trainer_takes_the_same_measurements_through_its_measure_hook():
     x, y = tiny_data()
     model = tiny_model()
     monitor = Monitor(model, (x, y), lr=0.1, batch_size=4, measures=["lambda_max"], tol=1e-10)
-    result = sgdstab.train(
-        model, x, y, lr=0.1, batch_size=4, max_steps=6, measure_every=3, measure=monitor.measure
-    )
+    # A Monitor itself is a measure (anything with measure(problem) -> dict), as is its bound method.
+    result = sgdstab.train(model, x, y, lr=0.1, batch_size=4, max_steps=6, measure_every=3, measure=monitor)
     assert [row["step"] for row in result.history if "lambda_max" in row] == [0, 3, 6]
     dense = sgdstab.hessian(sgdstab.Problem(model, x, y)).to_dense()
     assert result.final["lambda_max"] == pytest.approx(torch.linalg.eigvalsh(dense)[-1].item(), rel=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "sampling"),
+    [(4, "with_replacement"), (4, "without_replacement"), (None, "with_replacement")],
+)
+def test_named_curvature_measures_of_the_trainer_are_the_monitors_measurements(batch_size, sampling):
+    # train(measure=[names]) measures through a Monitor built for the run: each of its rows equals,
+    # bit for bit, what a user's Monitor with the run's settings measures at the same parameters.
+    x, y = tiny_data()
+    names = ["lambda_max", "frobenius", "trace", "mu", "grad_norm"]
+    settings = dict(lr=0.1, batch_size=batch_size, sampling=sampling, seed=3, loss_goal=None, measure_every=3)
+    measured = tiny_model()
+    result = sgdstab.train(measured, x, y, max_steps=6, measure=names, **settings)
+    plain = tiny_model()
+    unmeasured = sgdstab.train(plain, x, y, max_steps=6, **settings)
+    # Measuring never changes the trajectory.
+    assert [r["loss"] for r in result.history] == [r["loss"] for r in unmeasured.history]
+    for a, b in zip(measured.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rows = [row for row in result.history if "lambda_max" in row]
+    assert [row["step"] for row in rows] == [0, 3, 6]
+    full_batch = batch_size is None
+    for row in rows:
+        model = tiny_model()
+        sgdstab.train(model, x, y, max_steps=int(row["step"]), **settings)
+        own = Monitor(
+            model,
+            (x, y),
+            lr=0.1,
+            batch_size=len(x) if full_batch else batch_size,
+            sampling="without_replacement" if full_batch else sampling,
+            measures=names[:4],
+            seed=3,
+            warm_start=False,
+        ).step(int(row["step"]), force=True)
+        for key in ("lambda_max", "hessian_frobenius", "hessian_trace", "mu", "mu_stderr", "frobenius_bound"):
+            assert row[key] == own[key], key
+        assert row["grad_norm"] == sgdstab.Problem(model, x, y).gradient().norm().item()
+    # Gradient descent has no sampling noise: no finite bound on ||H||_F.
+    assert all(math.isinf(row["frobenius_bound"]) for row in rows) == full_batch
+
+
+def test_a_resumed_run_repeats_the_named_measures_of_an_uninterrupted_one(tmp_path):
+    x, y = tiny_data()
+    settings = dict(lr=0.1, batch_size=4, loss_goal=None, measure_every=2, measure=["lambda_max", "mu"])
+    whole = sgdstab.train(tiny_model(), x, y, max_steps=6, **settings)
+    model = tiny_model()
+    sgdstab.train(model, x, y, max_steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, **settings)
+    resumed = sgdstab.train(tiny_model(), x, y, max_steps=6, checkpoint_dir=tmp_path, **settings)
+    assert resumed.resumed_from == 3 and resumed.history == whole.history
+
+
+def test_the_trainers_measure_names_are_checked_before_training():
+    x, y = tiny_data()
+    one_name = sgdstab.train(tiny_model(), x, y, lr=0.1, max_steps=1, measure="lambda_max")
+    assert "lambda_max" in one_name.final  # one name alone, not its letters
+    with pytest.raises(InputError, match="unknown metric 'sharpness'; choose from .*'lambda_max'"):
+        sgdstab.train(tiny_model(), x, y, lr=0.1, max_steps=1, measure=["sharpness"])
+    labels = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(InputError, match="square loss"):
+        sgdstab.train(tiny_model(), x, labels, lr=0.1, max_steps=1, loss="cross_entropy", measure=["mu"])
+    with pytest.raises(InputError, match="is measured by sgdstab.Monitor"):
+        sgdstab.training.register_metric("lambda_max", lambda problem: 0.0)
+
+
+def test_the_paired_tensorboard_charts_select_exactly_their_two_tags():
+    class LayoutWriter:
+        def add_custom_scalars(self, layout):
+            self.layout = layout
+
+    writer = LayoutWriter()
+    sgdstab.monitor.add_paired_layout(writer, "sgdstab")
+    x, y = tiny_data()
+    row = Monitor(tiny_model(), (x, y), every=1, lr=0.1, batch_size=4).step(0)
+    tags = [f"sgdstab/{name}" for name in row]
+    # TensorBoard matches a chart's tags as regular expressions from the start of each tag name.
+    selected = {
+        title: sorted(tag for tag in tags if any(re.match(pattern, tag) for pattern in patterns))
+        for title, (_, patterns) in writer.layout["sgdstab"].items()
+    }
+    assert selected == {
+        title: sorted(f"sgdstab/{name}" for name in names)
+        for title, names in sgdstab.monitor.PAIRED_CURVES.items()
+    }
 
 
 def test_per_measure_schedule_measures_what_is_due_and_deflates_the_previous_top_vector():

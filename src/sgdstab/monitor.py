@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -131,9 +132,14 @@ PAIRED_CURVES = {
 
 
 def add_paired_layout(writer: Any, prefix: str) -> None:
-    """Put the ``PAIRED_CURVES`` charts of tags ``<prefix>/<name>`` into ``writer``'s custom-scalars tab."""
+    """Put the ``PAIRED_CURVES`` charts of tags ``<prefix>/<name>`` into ``writer``'s custom-scalars tab.
+
+    TensorBoard reads a chart's tags as regular expressions matched at the start of a tag, so each
+    is escaped and anchored at the end: ``lambda_max`` alone, not ``lambda_max_matvecs`` too.
+    """
     charts = {
-        title: ["Multiline", [f"{prefix}/{name}" for name in names]] for title, names in PAIRED_CURVES.items()
+        title: ["Multiline", [f"^{re.escape(f'{prefix}/{name}')}$" for name in names]]
+        for title, names in PAIRED_CURVES.items()
     }
     writer.add_custom_scalars({prefix: charts})
 

@@ -33,8 +33,13 @@ Otherwise it stops as "max_steps". Divergence is a result, never an exception.
 
 Measurements: every ``measure_every`` steps (and at step 0 and at the end) the ``measure``
 callables get the ``Problem`` at the current parameters and return a dict of floats that joins
-that history row. Higher layers plug curvature (lambda_max, ||H||_F, tr H) and alignment (mu) in
-this way, or register them by name with ``register_metric``; this module imports neither.
+that history row. Curvature and alignment take the code path of ``sgdstab.monitor.Monitor``, the
+one a user's own loop measures with: the names of ``MONITOR_MEASURES`` ("lambda_max",
+"frobenius", "trace", "mu", "stability") are measured by one Monitor built for the run (its
+default estimator settings, the run's lr, B, sampling and seed, Lanczos started cold at every
+measurement so a resumed run repeats the uninterrupted one bit for bit), and any object with a
+``measure(problem)`` method, such as a Monitor of one's own settings, can be passed as it is.
+Other names come from ``METRICS`` (``register_metric``).
 
 Checkpoints: with ``checkpoint_dir``, the parameters, the step, the sampler's RNG state and
 permutation, and the history are written atomically to ``checkpoint.pt`` every
@@ -55,7 +60,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +81,8 @@ from sgdstab.io import (
     remove_temporaries,
     write_jsonl_atomic,
 )
+from sgdstab.monitor import MEASURES as MONITOR_MEASURES
+from sgdstab.monitor import Monitor
 from sgdstab.problem import Problem, per_sample_loss
 
 FULL_BATCH = "full_batch"
@@ -93,6 +100,15 @@ _FINGERPRINTS = {
 
 Measure = Callable[[Problem], dict[str, float]]
 
+
+class Measurer(Protocol):
+    """Anything with ``measure(problem) -> dict of floats``, e.g. ``sgdstab.Monitor``."""
+
+    def measure(self, problem: Problem) -> dict[str, float]: ...
+
+
+MeasureArgument = Measure | Measurer | Sequence[str | Measure | Measurer] | None
+
 #: Named metrics usable in ``train(measure=[...])``: name -> f(problem) -> float.
 METRICS: dict[str, Callable[[Problem], float]] = {
     "grad_norm": lambda problem: problem.gradient().norm().item(),
@@ -101,10 +117,15 @@ METRICS: dict[str, Callable[[Problem], float]] = {
 
 
 def register_metric(name: str, metric: Callable[[Problem], float]) -> None:
-    """Make ``metric(problem) -> float`` available as ``train(measure=[name])`` (e.g. "lambda_max", "mu")."""
+    """Make ``metric(problem) -> float`` available as ``train(measure=[name])``."""
     if name in _RESERVED_KEYS:
         raise InputError(
             f"{name!r} is recorded by the trainer itself; register the metric under another name"
+        )
+    if name in MONITOR_MEASURES:
+        raise InputError(
+            f"{name!r} is measured by sgdstab.Monitor; register the metric under another name, "
+            "or pass train(measure=Monitor(...)) to change how it is measured"
         )
     METRICS[name] = metric
 
@@ -244,19 +265,29 @@ def _named_metric(name: str, problem: Problem) -> dict[str, float]:
     return {name: METRICS[name](problem)}
 
 
-def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list[Measure]:
+def _resolve_measures(
+    measure: MeasureArgument, monitor_for_run: Callable[[list[str]], Monitor]
+) -> list[Measure]:
+    """The measure callables of ``train``: names of ``MONITOR_MEASURES`` go to one ``monitor_for_run(names)``."""
     if measure is None:
         return []
-    items = [measure] if callable(measure) else list(measure)
-    resolved = []
+    single = isinstance(measure, str) or callable(measure) or hasattr(measure, "measure")
+    items: list[Any] = [measure] if single else list(measure)  # type: ignore[arg-type]
+    resolved: list[Measure] = []
+    monitor_names = [item for item in items if isinstance(item, str) and item in MONITOR_MEASURES]
+    if monitor_names:
+        resolved.append(monitor_for_run(monitor_names).measure)
     for item in items:
         if callable(item):
             resolved.append(item)
+        elif callable(getattr(item, "measure", None)):
+            resolved.append(item.measure)
         elif item in METRICS:
             resolved.append(functools.partial(_named_metric, item))
-        else:
+        elif item not in MONITOR_MEASURES:
             raise InputError(
-                f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
+                f"unknown metric {item!r}; choose from {sorted([*MONITOR_MEASURES, *METRICS])}, "
+                "or pass a callable (problem) -> dict or an object with measure(problem) -> dict"
             )
     return resolved
 
@@ -395,7 +426,7 @@ def train(
     max_steps: int = 10_000,
     loss_goal: float | None = 1e-4,
     eval_every: int | None = None,
-    measure: Measure | Sequence[str | Measure] | None = None,
+    measure: MeasureArgument = None,
     measure_every: int | None = None,
     seed: int = 0,
     chunk_size: int = 1024,
@@ -420,8 +451,11 @@ def train(
         max_steps: most parameter updates, counted across resumed calls.
         loss_goal: stop as "converged" once the full-data loss is at most this (None: never).
         eval_every: steps between full-data evaluations (default one epoch: n // B, 1 for GD).
-        measure: a callable ``(problem) -> dict of floats``, or a list of such callables and
-            names from ``METRICS``; called at step 0, every ``measure_every`` steps and at the end.
+        measure: a callable ``(problem) -> dict of floats``, an object with such a ``measure``
+            method (``sgdstab.Monitor``), or a list of those and of names: from
+            ``MONITOR_MEASURES`` (measured by one Monitor built for the run, see the module
+            docstring; "frobenius" gives ``hessian_frobenius``, "mu" also ``frobenius_bound``) or
+            from ``METRICS``. Called at step 0, every ``measure_every`` steps and at the end.
         measure_every: steps between measurements (default ``eval_every``).
         seed: seeds the batch sampler (the model's init is the caller's).
         chunk_size: samples per forward pass, for evaluation and for large batches.
@@ -455,8 +489,33 @@ def train(
     )
     checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
     params = [p for p in model.parameters() if p.requires_grad]
+
+    def monitor_for_run(names: list[str]) -> Monitor:
+        # The whole training set, so the monitor measures what the trainer's Problem holds and
+        # refuses "stability" on it when its Gram matrix is too large, before any training.
+        return Monitor(
+            model,
+            (inputs, targets),
+            loss=loss,
+            every=measure_every,
+            lr=lr,
+            batch_size=batch_size,
+            sampling="without_replacement" if full_batch else sampling,
+            measures=names,
+            n_measure=n,
+            seed=seed,
+            warm_start=False,
+            chunk_size=chunk_size,
+        )
+
     recorder = _Recorder(
-        model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size, warmup_steps
+        model,
+        problem,
+        _resolve_measures(measure, monitor_for_run),
+        loss_goal,
+        divergence_factor,
+        batch_size,
+        warmup_steps,
     )
     run_sampling = FULL_BATCH if full_batch else sampling
     store = None
