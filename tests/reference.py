@@ -235,24 +235,24 @@ def tiny_network_problem(architecture: str, loss: str, chunk_size: int = 3) -> P
     return Problem(model.double(), inputs, targets, loss=loss, chunk_size=chunk_size)
 
 
-def log_mean_slope(curves: Sequence[Sequence[Sequence[float]]], steps: int) -> float:
-    """Least-squares slope per step of log(mean over runs of the loss) over the first ``steps``
-    points of ``(step, loss)`` curves, from the closed form cov(t, y) / var(t).
+def log_mean_slope(curves: Sequence[Sequence[Sequence[float]]], end: int, start: int = 0) -> float:
+    """Least-squares slope per step of log(mean over runs of the loss) over points ``start..end-1``
+    of ``(step, loss)`` curves, from the closed form cov(t, y) / var(t).
     """
-    mean_loss = [sum(curve[t][1] for curve in curves) / len(curves) for t in range(steps)]
-    times = torch.arange(steps, dtype=torch.float64)
+    mean_loss = [sum(curve[t][1] for curve in curves) / len(curves) for t in range(start, end)]
+    times = torch.arange(start, end, dtype=torch.float64)
     log_mean = torch.log(torch.tensor(mean_loss, dtype=torch.float64))
     centred = times - times.mean()
     return float((centred * (log_mean - log_mean.mean())).sum() / centred.pow(2).sum())
 
 
-def jackknife_stderr(curves: Sequence[Sequence[Sequence[float]]], steps: int) -> float:
+def jackknife_stderr(curves: Sequence[Sequence[Sequence[float]]], end: int, start: int = 0) -> float:
     """The jackknife standard error over runs of ``log_mean_slope`` (Efron and Stein 1981):
     sqrt((R - 1) / R * sum_r (s_(r) - mean s)^2) with s_(r) the slope without run r.
     """
     runs = len(curves)
     leave_one_out = torch.tensor(
-        [log_mean_slope([c for j, c in enumerate(curves) if j != r], steps) for r in range(runs)],
+        [log_mean_slope([c for j, c in enumerate(curves) if j != r], end, start) for r in range(runs)],
         dtype=torch.float64,
     )
     return float(((runs - 1) / runs * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())

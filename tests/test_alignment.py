@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from reference import (
-    all_data,
     assert_matches,
     dense_gauss_newton,
     dense_hessian,

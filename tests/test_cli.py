@@ -235,7 +235,9 @@ def test_a_damaged_checkpoint_exits_2_naming_it(trained_run, tmp_path, damage):
         torch.save({"foo": 1}, checkpoint)
     else:
         good = checkpoint.read_bytes()
-        checkpoint.write_bytes({"truncate": good[:5000], "empty": b"", "random": random.Random(damage).randbytes(5000)}[damage])
+        checkpoint.write_bytes(
+            {"truncate": good[:5000], "empty": b"", "random": random.Random(damage).randbytes(5000)}[damage]
+        )
     for args in (["measure", run], ["stability", run, "--lr", "0.05", "--batch-size", "4"]):
         result = invoke(*args)  # rows 65-68
         assert result.exit_code == 2 and result.stderr.startswith(f"error: damaged checkpoint {checkpoint}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference import all_data, assert_matches, dense_gram, mlp_problem
+from reference import assert_matches, dense_gram, mlp_problem
 from sgdstab import Problem
 from sgdstab.sample_space import block_congruence, gram_matrix, gram_spectrum
 

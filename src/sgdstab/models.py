@@ -200,7 +200,7 @@ def _initialize(
 
 
 def _gain(activation: str | None) -> float:
-    return nn.init.calculate_gain("linear" if activation is None else activation)
+    return nn.init.calculate_gain("linear" if activation is None else activation)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------- fully connected
@@ -300,6 +300,8 @@ class RandomFeatures(nn.Module):
     form per sample. Un-centred ReLU features share a large common mean, which puts one dominant
     eigenvalue in the feature covariance and weakens the alignment lower bound (SPEC.md section 2).
     """
+
+    feature_weight: Tensor  # a buffer: fixed, not trained
 
     def __init__(
         self,
@@ -522,6 +524,6 @@ def _resnet(
         seed,
         init_scale,
         _gain(activation),
-        scaled={block.branch[-1]: branch_scale for block in model.blocks},
+        scaled={block.branch[-1]: branch_scale for block in model.blocks if isinstance(block, ResidualBlock)},
     )
     return model

@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,35 +134,54 @@ def plot_e2(analysis: dict, fig: Figure) -> None:
 
 
 def _plot_e3(analysis: dict, fig: Figure) -> None:
+    """Each arm's median over seeds with its min-max band, per width and per n; caps and 2/eta dotted."""
     axes = fig.subplots(3, 2, sharex="col")
     quantities = (("frobenius", "||H||_F"), ("lambda_max", "lambda_max"), ("trace", "tr H"))
+    arms = sorted({r["optimizer"] for r in analysis["rows"]}, key=lambda arm: (arm != "GD", arm))
     for column, (sweep, key) in enumerate((("width", "width"), ("n", "n"))):
         for line, (quantity, label) in enumerate(quantities):
             axis = axes[line, column]
-            for optimizer, style in (("SGD", "o-"), ("GD", "s--")):
-                points = sorted(
-                    (r[key], r[quantity])
-                    for r in analysis["rows"]
-                    if r["sweep"] == sweep and r["optimizer"] == optimizer and quantity in r
+            for arm, style in zip(arms, ("s--", "o-", "^-", "v-"), strict=False):
+                sizes = sorted(
+                    {r[key] for r in analysis["rows"] if r["sweep"] == sweep and r["optimizer"] == arm}
                 )
-                if points:
-                    axis.plot(*zip(*points), style, label=optimizer)
+                groups = [
+                    [
+                        r[quantity]
+                        for r in analysis["rows"]
+                        if r["sweep"] == sweep and r["optimizer"] == arm and r[key] == size and quantity in r
+                    ]
+                    for size in sizes
+                ]
+                points = [(size, group) for size, group in zip(sizes, groups, strict=True) if group]
+                if not points:
+                    continue
+                xs = [size for size, _ in points]
+                drawn = axis.plot(xs, [statistics.median(g) for _, g in points], style, label=arm)
+                axis.fill_between(
+                    xs,
+                    [min(g) for _, g in points],
+                    [max(g) for _, g in points],
+                    color=drawn[0].get_color(),
+                    alpha=0.2,
+                )
             if quantity == "frobenius":
-                bounds = sorted(
-                    (r[key], r["sgd_bound"])
-                    for r in analysis["rows"]
-                    if r["sweep"] == sweep and "sgd_bound" in r and r["optimizer"] == "SGD"
-                )
-                if bounds:
-                    axis.plot(*zip(*bounds), "k:", label="SGD bound sqrt(B/mu)/eta")
-            if quantity == "lambda_max":
+                for arm in arms:
+                    caps = sorted(
+                        (r[key], r["sgd_bound"])
+                        for r in analysis["rows"]
+                        if r["sweep"] == sweep and r["optimizer"] == arm and "sgd_bound" in r
+                    )
+                    if caps:
+                        axis.plot(*zip(*caps, strict=True), "k:", lw=0.8)
+            if analysis.get("gd_limit"):
                 axis.axhline(analysis["gd_limit"], color="grey", ls=":", label="2/eta")
             axis.set(xscale="log", yscale="log", ylabel=label)
             axis.legend(fontsize=7)
         values = sorted({r[key] for r in analysis["rows"] if r["sweep"] == sweep})
         axes[-1, column].set(xlabel=sweep, xticks=values, xticklabels=[str(v) for v in values])
         axes[-1, column].minorticks_off()
-    axes[0, 0].set_title("width sweep")
+    axes[0, 0].set_title("width sweep (median, band: min-max over seeds; dotted: SGD caps)")
     axes[0, 1].set_title("n sweep")
 
 
@@ -195,14 +215,15 @@ def _plot_e4(analysis: dict, fig: Figure) -> None:
         label=f"linearised SGD (slope {analysis['linearized_rate']:.3f})",
     )
     start = log_mean[0]
-    fitted = analysis["measured"]["fitted_steps"]
+    measured = analysis["measured"]
+    first, last = measured.get("fit_start", 0), measured.get("fit_end", measured["fitted_steps"])
     for rate, style, label in (
         (minimum["predicted_rate"], "k--", "predicted log(eta^2 p_B mu ||H||_F^2)"),
         (minimum["exact_rate"], "r:", "exact log rho(T)"),
         (minimum["rigorous_rate"], "m-.", "rigorous, with mu_min"),
     ):
         axis.plot(steps, start + rate * steps, style, lw=1, label=f"{label} = {rate:.3f}")
-    axis.axvspan(0, fitted - 1, color="grey", alpha=0.1, label="fit window")
+    axis.axvspan(first, last - 1, color="grey", alpha=0.1, label="fit window (after the transient)")
     axis.set(
         xlabel="SGD step from the GD minimum",
         ylabel="log training loss",
@@ -288,15 +309,20 @@ COLUMNS = {
     "E3": [
         ("sweep", "sweep"),
         ("optimizer", "optimizer"),
+        ("seed", "seed"),
         ("width", "width"),
         ("n", "n"),
         ("status", "status"),
         ("steps", "steps"),
+        ("lambda_max(init)", "initial_lambda_max"),
         ("||H||_F", "frobenius"),
         ("lambda_max", "lambda_max"),
         ("tr H", "trace"),
+        ("stable rank", "stable_rank"),
         ("mu", "mu"),
+        ("eta lambda_max", "eta_lambda_max"),
         ("SGD bound", "sgd_bound"),
+        ("||H||_F / bound", "bound_ratio"),
     ],
     "E5": [
         ("minimum", "minimum"),
@@ -317,7 +343,8 @@ def _e4_rows(analysis: dict) -> list[dict]:
         {
             "quantity": "escape rate per step, measured (SGD)",
             "value": analysis["measured"]["rate"],
-            "note": f"+- {analysis['measured']['stderr']:.3g}, first {analysis['measured']['fitted_steps']} steps",
+            "note": f"+- {analysis['measured']['stderr']:.3g}, steps {analysis['measured'].get('fit_start', 0)} "
+            f"to {analysis['measured'].get('fit_end', analysis['measured']['fitted_steps'])}",
         },
         {"quantity": "linearised SGD, same window", "value": analysis["linearized_rate"], "note": ""},
         {

@@ -55,6 +55,7 @@ class DataConfig:
     targets: str = "pm1"
     data_dir: str | None = None
     seed: int = 0
+    normalize: bool | str = True  # True: the data set's default; a mode of sgdstab.data.NORMALIZATIONS
 
     def load(self, device: str = "cpu", dtype: str = "float32") -> DataSet:
         data = load_dataset(
@@ -65,6 +66,7 @@ class DataConfig:
             data_dir=self.data_dir,
             seed=self.seed,
             dtype=DTYPES[dtype],
+            normalize=self.normalize,
         )
         return dataclasses.replace(data, inputs=data.inputs.to(device), targets=data.targets.to(device))
 

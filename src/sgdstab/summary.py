@@ -10,6 +10,7 @@ and the trace of Wu & Su (2023).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from torch import Tensor
@@ -17,10 +18,13 @@ from torch import Tensor
 from sgdstab.alignment import METHODS as ALIGNMENT_METHODS
 from sgdstab.alignment import alignment as alignment_factor
 from sgdstab.estimators import frobenius_norm, spectral_density, top_eigenvalues, trace
-from sgdstab.operators import gauss_newton, hessian
+from sgdstab.operators import ProblemOperator, gauss_newton, hessian
 from sgdstab.problem import Problem
 
-OPERATORS = {"hessian": hessian, "gauss_newton": gauss_newton}
+OPERATORS: dict[str, Callable[[Problem, Tensor | None], ProblemOperator]] = {
+    "hessian": hessian,
+    "gauss_newton": gauss_newton,
+}
 
 
 @dataclass(frozen=True)

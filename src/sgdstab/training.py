@@ -6,6 +6,10 @@ The update is exactly the SGD of SPEC.md section 1,
 
 (``sgdstab.problem.per_sample_loss``; cross-entropy works the same way with its own l_i), with no
 momentum, weight decay or schedule, so the stability thresholds of SPEC.md section 3 apply to it.
+The one exception is ``warmup_steps``: step t (from 0) uses lr * min(1, (t + 1) / warmup_steps),
+so a net that starts sharper than 2/lr can reach the constant-lr phase without blowing up
+(SPEC.md section 4.1, E3); a run cannot count as converged before its warm-up is over, since a
+minimum found at a smaller lr is not one the constant lr selected.
 
 Batches (``BatchSampler``):
 
@@ -43,6 +47,7 @@ stopping at ``max_steps`` and continuing leaves no extra row in the middle of th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -235,6 +240,10 @@ def _evaluate(model: nn.Module, problem: Problem, accuracy_kind: str | None) -> 
     return total / n, (correct / n if accuracy_kind is not None else None)
 
 
+def _named_metric(name: str, problem: Problem) -> dict[str, float]:
+    return {name: METRICS[name](problem)}
+
+
 def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list[Measure]:
     if measure is None:
         return []
@@ -244,7 +253,7 @@ def _resolve_measures(measure: Measure | Sequence[str | Measure] | None) -> list
         if callable(item):
             resolved.append(item)
         elif item in METRICS:
-            resolved.append(lambda problem, name=item: {name: METRICS[name](problem)})
+            resolved.append(functools.partial(_named_metric, item))
         else:
             raise InputError(
                 f"unknown metric {item!r}; choose from {sorted(METRICS)} or pass a callable (problem) -> dict"
@@ -265,6 +274,8 @@ def _sgd_step(
     for x, y in batches:
         chunk = torch.autograd.grad(per_sample_loss(loss, model(x), y).sum(), params)
         grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
+    if grads is None:
+        return
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             p.sub_(g, alpha=lr / batch_size)
@@ -317,12 +328,17 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def check_train_arguments(
-    lr: Any, max_steps: Any, loss_goal: float | None, sampling: str, divergence_factor: float = 1e3
-) -> tuple[float, int]:
+    lr: Any,
+    max_steps: Any,
+    loss_goal: float | None,
+    sampling: str,
+    divergence_factor: float = 1e3,
+    warmup_steps: Any = 0,
+) -> tuple[float, int, int]:
     """InputError with a one-line reason for an argument of ``train`` it cannot use (all checked here).
 
     Returns:
-        ``(lr, max_steps)`` as a Python float and int.
+        ``(lr, max_steps, warmup_steps)`` as a Python float and ints.
     """
     lr = check_positive_float("lr", lr)
     max_steps = check_int("max_steps", max_steps, minimum=0)
@@ -333,7 +349,7 @@ def check_train_arguments(
             f"divergence_factor must be > 1 (math.inf to test only for non-finite losses), got {divergence_factor!r}"
         )
     check_choice("sampling", sampling, SAMPLINGS)
-    return lr, max_steps
+    return lr, max_steps, check_int("warmup_steps", warmup_steps, minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,6 +404,7 @@ def train(
     resume: bool = True,
     divergence_factor: float = 1e3,
     progress: Callable[[dict[str, float]], None] | None = None,
+    warmup_steps: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on (inputs, targets) by GD or SGD; see the module docstring.
 
@@ -414,8 +431,11 @@ def train(
         divergence_factor: "diverged" when the loss exceeds this times max(initial loss,
             zero-predictor loss); ``math.inf`` keeps only the non-finite test.
         progress: called with each history row as it is recorded.
+        warmup_steps: linear learning-rate warm-up length (0: constant lr from the first step).
     """
-    lr, max_steps = check_train_arguments(lr, max_steps, loss_goal, sampling, divergence_factor)
+    lr, max_steps, warmup_steps = check_train_arguments(
+        lr, max_steps, loss_goal, sampling, divergence_factor, warmup_steps
+    )
     problem = Problem(model, inputs, targets, loss=loss, chunk_size=chunk_size)
     n = problem.num_samples
     if batch_size is not None:
@@ -435,7 +455,9 @@ def train(
     )
     checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
     params = [p for p in model.parameters() if p.requires_grad]
-    recorder = _Recorder(model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size)
+    recorder = _Recorder(
+        model, problem, _resolve_measures(measure), loss_goal, divergence_factor, batch_size, warmup_steps
+    )
     run_sampling = FULL_BATCH if full_batch else sampling
     store = None
     if checkpoint_dir is not None:
@@ -448,6 +470,8 @@ def train(
             "num_samples": n,
             "num_params": problem.num_params,
         }
+        if warmup_steps:
+            settings["warmup_steps"] = warmup_steps
         store = _Checkpoint(Path(checkpoint_dir), _run_identity(settings, model, inputs, targets))
     state = store.restore(model, sampler, max_steps) if store is not None and resume else None
     started = time.perf_counter()
@@ -501,7 +525,7 @@ def train(
                 (_to_model(inputs[part], device, dtype), _to_model(targets[part], device, dtype))
                 for part in index.split(chunk_size)
             )
-        _sgd_step(model, params, loss, batches, batch_size, lr)
+        _sgd_step(model, params, loss, batches, batch_size, lr * min(1.0, (step + 1) / max(warmup_steps, 1)))
         step += 1
         measuring = step % measure_every == 0
         if measuring or step % eval_every == 0:
@@ -557,18 +581,20 @@ class _Recorder:
         loss_goal: float | None,
         divergence_factor: float,
         batch_size: int,
+        warmup_steps: int = 0,
     ):
         self.model, self.problem, self.measures = model, problem, measures
         self.loss_goal, self.divergence_factor, self.batch_size = loss_goal, divergence_factor, batch_size
+        self.warmup_steps = warmup_steps
         self.accuracy_kind = _accuracy_kind(problem)
         #: The loss a diverged run exceeds divergence_factor times; set once the initial loss is known.
         self.reference = math.inf
 
-    def judge(self, loss_value: float) -> str | None:
-        """The verdict on a full-data loss: "diverged", "converged" or None (go on)."""
+    def judge(self, loss_value: float, step: int) -> str | None:
+        """The verdict on a full-data loss at ``step``: "diverged", "converged" or None (go on)."""
         if not math.isfinite(loss_value) or loss_value > self.divergence_factor * self.reference:
             return "diverged"
-        if self.loss_goal is not None and loss_value <= self.loss_goal:
+        if self.loss_goal is not None and loss_value <= self.loss_goal and step >= self.warmup_steps:
             return "converged"
         return None
 
@@ -579,7 +605,7 @@ class _Recorder:
         row = {"step": step, "epoch": step * self.batch_size / n, "loss": loss_value}
         if accuracy is not None:
             row["accuracy"] = accuracy
-        status = self.judge(loss_value)
+        status = self.judge(loss_value, step)
         if with_measures and status != "diverged":
             for m in self.measures:
                 values = m(self.problem)

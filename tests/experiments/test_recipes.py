@@ -73,18 +73,23 @@ def test_e2_marks_divergence_and_compares_with_the_bound(smoke_suite):
     assert analyses["E2"]["fraction_below"] == sum(rows[lr]["ratio"] <= 1 for lr in (0.05, 0.1)) / 2
 
 
-def test_e3_runs_both_sweeps_for_sgd_and_gd(smoke_suite):
+def test_e3_runs_both_sweeps_for_every_arm_at_the_scanned_lr(smoke_suite):
     _, analyses = smoke_suite
-    rows = analyses["E3"]["rows"]
+    analysis, config = analyses["E3"], smoke_configs()["E3"]
+    rows = analysis["rows"]
     points = {(r["sweep"], r["optimizer"], r["width"], r["n"]) for r in rows}
     assert points == {
         (s, o, w, n)
-        for o in ("SGD", "GD")
-        for s, w, n in (("width", 4, 40), ("width", 8, 40), ("n", 8, 20), ("n", 8, 40))
+        for o in ("SGD B=2", "GD")
+        for s, w, n in (("width", 4, 40), ("width", 8, 40), ("n", 8, 20))
     }
     # The base point is one run shared by both sweeps.
     assert len({r["run_id"] for r in rows}) == 6
-    assert analyses["E3"]["gd_limit"] == pytest.approx(2 / 0.05)
+    scan = analysis["scan"]
+    reference = [r["lambda_max"] for r in scan["rows"] if r["width"] == config.scan_width]
+    assert scan["reference_lambda_max"] == reference[0]
+    assert analysis["lr"] == pytest.approx(2 / (config.edge_fraction * reference[0]))
+    assert analysis["gd_limit"] == pytest.approx(2 / analysis["lr"])
 
 
 def test_e4_escape_curves_and_rates(smoke_suite):
@@ -99,10 +104,12 @@ def test_e4_escape_curves_and_rates(smoke_suite):
     assert len(minimum["linearized_loss"]) == config["escape_steps"] + 1
     from reference import jackknife_stderr, log_mean_slope  # the fit redone from its definition
 
-    fit, steps = analysis["measured"], analysis["measured"]["fitted_steps"]
-    assert fit["rate"] == pytest.approx(log_mean_slope(analysis["curves"], steps), rel=1e-9)
+    fit = analysis["measured"]
+    window = (fit["fit_end"], fit["fit_start"])
+    assert fit["fitted_steps"] == fit["fit_end"] - fit["fit_start"] >= 2
+    assert fit["rate"] == pytest.approx(log_mean_slope(analysis["curves"], *window), rel=1e-9)
     # A bootstrap and a jackknife standard error agree up to sqrt((R-1)/R) and resampling noise.
-    jackknife = jackknife_stderr(analysis["curves"], steps)
+    jackknife = jackknife_stderr(analysis["curves"], *window)
     assert jackknife / 3 <= fit["stderr"] <= 2 * jackknife
 
 
@@ -136,14 +143,14 @@ def test_verdicts_turn_when_the_data_contradicts_the_claim(smoke_suite):
     e3 = [
         {
             **read_json(root / "E3" / row["run_id"] / "final.json"),
-            **{k: row[k] for k in ("sweep", "optimizer", "width", "n")},
+            **{k: row[k] for k in ("sweep", "optimizer", "batch_size", "width", "n", "seed")},
         }
         for row in analyses["E3"]["rows"]
     ]
     for record in e3:
         if record["optimizer"] == "GD" and "curvature" in record:
             record["curvature"]["lambda_max"] = 1e6
-    assert e3_size.analyse(e3, configs["E3"])["checks"][1]["holds"] is False
+    assert e3_size.analyse(e3, configs["E3"], analyses["E3"]["scan"])["checks"][0]["holds"] is False
 
     e4 = copy.deepcopy(analyses["E4"])
     flat = [[[step, e4["minimum"]["curvature"]["loss"]] for step, _ in curve] for curve in e4["curves"]]

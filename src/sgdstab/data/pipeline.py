@@ -22,7 +22,7 @@ from sgdstab.errors import InputError
 SPLITS = ("train", "test")
 SUBSETS = ("first", "random", "balanced")
 TARGETS = ("onehot", "pm1", "labels", "values")
-NORMALIZATIONS = ("global", "per_channel", "per_feature")
+NORMALIZATIONS = ("global", "per_channel", "per_feature", "center")
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,7 +31,9 @@ class Normalization:
 
     Modes: "global" (one mean and std over every entry), "per_channel" (one per image channel,
     over samples and pixels; the usual choice for CIFAR), "per_feature" (one per input entry,
-    over samples). For vector data (n, d) "per_channel" equals "per_feature". The std is the
+    over samples), "center" (subtract the per-entry mean only, keeping the [0, 1] pixel scale: the
+    centred inputs of SPEC.md section 4.1, E3). For vector data (n, d) "per_channel" equals
+    "per_feature". The std is the
     population std; an entry constant over the samples (the blank border pixels of MNIST) keeps
     std 1, so it is centred and not blown up. ``mean`` and ``std`` have one sample's shape with
     size-1 axes where the mode pools.
@@ -47,11 +49,14 @@ class Normalization:
             raise InputError(
                 f"unknown normalization {mode!r}; choose one of {NORMALIZATIONS}, True (the data set's default) or False"
             )
-        dims = {"global": tuple(range(x.ndim)), "per_channel": (0, *range(2, x.ndim)), "per_feature": (0,)}[
-            mode
-        ]
+        dims = {
+            "global": tuple(range(x.ndim)),
+            "per_channel": (0, *range(2, x.ndim)),
+            "per_feature": (0,),
+            "center": (0,),
+        }[mode]
         std, mean = torch.std_mean(x.to(torch.float64), dim=dims, correction=0, keepdim=True)
-        std = torch.where(std > 0, std, torch.ones_like(std))
+        std = torch.where((std > 0) & (mode != "center"), std, torch.ones_like(std))
         return cls(mode, mean.squeeze(0), std.squeeze(0))
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -1,22 +1,29 @@
 """E2: the Frobenius bound over a grid of (eta, B) (Wu, Wang & Su 2022; SPEC.md section 4).
 
-One SGD run per (eta, B), from the same initialisation, trained to a loss goal. At each minimum
-reached, ||H||_F is compared with the stability bound
+One SGD run per (eta, B), trained to a loss goal, from the same initialisation or (``start_lr``
+set) from one common sharp minimum found by GD at that small lr, so that the bound binds: where
+it lies below the start's ||H||_F, SGD must leave and settle near it (SPEC.md 4.1, E2). At each
+minimum reached, ||H||_F is compared with the stability bound
 
     ||H||_F <= 1 / (eta sqrt(p_B mu))   (= sqrt(B/mu)/eta with replacement),
 
 mu the alignment factor at the minimum (SPEC.md sections 2-3). The claim: every minimum SGD
 converges to lies below its bound, and ||H||_F grows with sqrt(B)/eta (SGD sits near its
 stability edge). Diverged runs are kept and marked: they are SGD refusing a too-large eta.
+From a common start, three more checks: the runs whose bound (with the start's mu) lies below the
+start settle with ||H||_F / bound in ``ratio_band``; over them the log-log slope of ||H||_F
+against sqrt(B)/eta lies in ``slope_band`` (least squares, with a 2-standard-error interval); the
+runs whose bound lies above the start stay within ``stay_tolerance`` of its ||H||_F.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scipy.stats import spearmanr
+from scipy.stats import linregress, spearmanr
 
 from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import (
@@ -33,10 +40,12 @@ from sgdstab.experiments.runs import (
     TrainSpec,
     execute,
     no_progress,
+    run_training,
     spec_config,
     train_and_measure,
 )
 from sgdstab.stability import batch_noise_factor, frobenius_bound
+from sgdstab.summary import curvature_summary
 
 NAME = "E2"
 TITLE = "Frobenius bound over a grid of (eta, B)"
@@ -59,6 +68,16 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    start_lr: float | None = None  # GD lr of the common sharp start; None: every run from the initialisation
+    start_max_steps: int = 30_000
+    start_loss_goal: float = 2e-5
+    start_eval_every: int = 10
+    # From the start, a run cannot count as converged before this linear warm-up is over: the start
+    # already meets the loss goal, and the ramp lets SGD leave a too-sharp start gently.
+    start_warmup_steps: int = 1000
+    ratio_band: tuple[float, float] = (0.5, 1.0)
+    slope_band: tuple[float, float] = (0.7, 1.3)
+    stay_tolerance: float = 0.2
 
 
 def default_config(scale: str) -> Config:
@@ -81,6 +100,33 @@ def default_config(scale: str) -> Config:
 
 def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
     grid = [(lr, b) for b in config.batch_sizes for lr in config.lrs]
+    start = None
+    if config.start_lr is not None:
+        progress(f"{NAME} GD to the common sharp start", 0, len(grid) + 1)
+        start_spec = TrainSpec(
+            data=config.data,
+            model=config.model,
+            lr=config.start_lr,
+            batch_size=None,
+            max_steps=config.start_max_steps,
+            loss_goal=config.start_loss_goal,
+            eval_every=config.start_eval_every,
+            seed=config.seed,
+            device=config.device,
+            dtype=config.dtype,
+        )
+        start = execute(
+            root,
+            NAME,
+            "gd-start",
+            spec_config(start_spec, measure=to_dict(config.measure)),
+            lambda folder: {
+                **train_and_measure(folder, start_spec, config.measure),
+                "folder": str(folder.path),
+            },
+        )
+        if start["train"]["status"] != "converged":
+            return save_analysis(root, NAME, analyse([], config, start))
     records = []
     for index, (lr, batch_size) in enumerate(grid):
         label = f"lr{lr:g}-B{batch_size}"
@@ -96,21 +142,43 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
             seed=config.seed,
             device=config.device,
             dtype=config.dtype,
+            init_from=None if start is None else start["folder"],
         )
         records.append(
             execute(
                 root,
                 NAME,
                 label,
-                spec_config(spec, measure=to_dict(config.measure)),
-                lambda folder: train_and_measure(folder, spec, config.measure),
+                spec_config(spec, measure=to_dict(config.measure), **_warmup_entry(config, start)),
+                _work(spec, config.measure, 0 if start is None else config.start_warmup_steps),
             )
         )
     progress(NAME, len(grid), len(grid))
-    return save_analysis(root, NAME, analyse(records, config))
+    return save_analysis(root, NAME, analyse(records, config, start))
 
 
-def analyse(records: list[dict], config: Config) -> dict:
+def _warmup_entry(config: Config, start: dict | None) -> dict:
+    """The warm-up as a run setting (in the run-id hash) when it applies, nothing otherwise."""
+    return {} if start is None else {"warmup_steps": config.start_warmup_steps}
+
+
+def _work(spec: TrainSpec, measure: MeasureConfig, warmup_steps: int) -> Callable:
+    if not warmup_steps:
+        return lambda folder: train_and_measure(folder, spec, measure)
+    return lambda folder: _train_warm_and_measure(folder, spec, measure, warmup_steps)
+
+
+def _train_warm_and_measure(folder, spec: TrainSpec, measure: MeasureConfig, warmup_steps: int) -> dict:
+    """``train_and_measure`` with a warm-up: the run from the common start (see Config)."""
+    problem, result = run_training(folder.path, spec, warmup_steps=warmup_steps)
+    final = {"train": result.summary()}
+    if result.status == "converged":
+        final["curvature"] = curvature_summary(problem, **measure.kwargs()).to_dict()
+    return final
+
+
+def analyse(records: list[dict], config: Config, start: dict | None = None) -> dict:
+    start_curvature = None if start is None else start.get("curvature")
     rows = []
     for record in records:
         spec = record["config"]["train"]
@@ -141,6 +209,10 @@ def analyse(records: list[dict], config: Config) -> dict:
                 density=curvature["density"],
             )
             row["ratio"] = row["frobenius"] / row["bound"]
+        if start_curvature is not None:
+            # Binding or not is decided before the run, by the bound with the start's own mu.
+            row["start_bound"] = frobenius_bound(lr, noise, start_curvature["mu"])
+            row["binding"] = row["start_bound"] < start_curvature["frobenius"]
         rows.append(row)
 
     converged = [r for r in rows if "frobenius" in r]
@@ -171,6 +243,8 @@ def analyse(records: list[dict], config: Config) -> dict:
             "||H||_F grows with sqrt(B)/eta", None, "fewer than 3 distinct sqrt(B)/eta among converged runs"
         )
     checks = [bound_check, trend_check]
+    if start is not None:
+        checks += start_checks(converged, start_curvature, config)
     return {
         "experiment": NAME,
         "title": TITLE,
@@ -180,4 +254,51 @@ def analyse(records: list[dict], config: Config) -> dict:
         "config": to_dict(config),
         "rows": rows,
         "fraction_below": len(below) / len(converged) if converged else None,
+        "start": None if start is None else {"train": start["train"], "curvature": start_curvature},
     }
+
+
+def start_checks(converged: list[dict], start: dict | None, config: Config) -> list[dict]:
+    """The checks that need a common sharp start: settling near a binding bound, the slope, staying put."""
+    claims = (
+        f"runs whose bound lies below the start settle with ||H||_F / bound in "
+        f"[{config.ratio_band[0]:g}, {config.ratio_band[1]:g}]",
+        f"log-log slope of ||H||_F against sqrt(B)/eta over those runs in "
+        f"[{config.slope_band[0]:g}, {config.slope_band[1]:g}]",
+        f"runs whose bound lies above the start stay within {config.stay_tolerance:.0%} of its ||H||_F",
+    )
+    if start is None:
+        return [check(claim, None, "GD did not reach the common start") for claim in claims]
+    binding = [r for r in converged if r["binding"]]
+    free = [r for r in converged if not r["binding"]]
+    low, high = config.ratio_band
+    inside = [r for r in binding if low <= r["ratio"] <= high]
+    ratios = ", ".join(f"eta={r['lr']:g} B={r['batch_size']}: {r['ratio']:.2f}" for r in binding)
+    settle = check(
+        claims[0],
+        len(inside) == len(binding) if binding else None,
+        f"{len(inside)}/{len(binding)} binding runs (start ||H||_F = {start['frobenius']:.3g}); ratios {ratios}"
+        if binding
+        else "no converged run had its bound below the start",
+    )
+    if len({r["sqrt_b_over_lr"] for r in binding}) >= 3:
+        fit = linregress(
+            [math.log(r["sqrt_b_over_lr"]) for r in binding], [math.log(r["frobenius"]) for r in binding]
+        )
+        slope = check(
+            claims[1],
+            bool(config.slope_band[0] <= fit.slope <= config.slope_band[1]),
+            f"slope {fit.slope:.2f} +- {2 * fit.stderr:.2f} (2 standard errors) over {len(binding)} runs",
+        )
+    else:
+        slope = check(claims[1], None, "fewer than 3 distinct sqrt(B)/eta among the binding runs")
+    moved = [r for r in free if abs(r["frobenius"] / start["frobenius"] - 1) > config.stay_tolerance]
+    stay = check(
+        claims[2],
+        not moved if free else None,
+        f"{len(free) - len(moved)}/{len(free)} stayed; ||H||_F / start: "
+        + ", ".join(f"{r['frobenius'] / start['frobenius']:.2f}" for r in free)
+        if free
+        else "every converged run had its bound below the start",
+    )
+    return [settle, slope, stay]

@@ -53,7 +53,9 @@ NAME = "E4"
 TITLE = "Exponential escape from a sharp minimum"
 CLAIM = (
     "From a sharp minimum found by GD, SGD with eta^2 p_B mu ||H||_F^2 > 1 escapes with log-loss growing "
-    "linearly at a rate >= log(eta^2 p_B mu ||H||_F^2), then settles at a flatter minimum that satisfies the bound."
+    "linearly, at least at the rigorous rate log(eta^2 p_B mu_min ||H||_F^2) and, after a transient, at the "
+    "exact linearised rate log rho(T); then it settles at a flatter minimum that satisfies the bound. The "
+    "paper's estimate log(eta^2 p_B mu ||H||_F^2) is compared with both."
 )
 
 
@@ -75,6 +77,8 @@ class Config:
         500  # chains of linearised SGD (stability.simulate_linearized_sgd) from the same start
     )
     fit_max_loss: float = 1e-2  # the slope is fitted while the mean loss is below this (linear regime)
+    fit_start: int = 5  # steps of transient left out of the fit: the rate is asymptotic only after it
+    rate_tolerance: float = 0.1  # the measured rate must match log rho(T) to within this fraction
     bootstrap: int = 200  # resamples of the runs for the standard error of the measured slope
     settle_steps: int = 10_000
     settle_loss_goal: float = 2e-4
@@ -157,7 +161,7 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
                 NAME,
                 f"sgd-r{repeat}",
                 spec_config(spec, settle=settle, **(_settle_settings(config) if settle else {})),
-                lambda folder: _escape(folder, spec, config, settle),
+                lambda folder, spec=spec, settle=settle: _escape(folder, spec, config, settle),
             )
         )
     progress(NAME, total, total)
@@ -240,10 +244,13 @@ def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
     return final
 
 
-def fit_window(log_mean: np.ndarray, max_loss: float) -> int:
-    """Steps from 0 before the mean loss first exceeds ``max_loss`` (at least 2): the linearised regime."""
+def fit_window(log_mean: np.ndarray, max_loss: float, start: int = 0) -> int:
+    """End of the fit: where the mean loss first exceeds ``max_loss`` (at least ``start + 2``).
+
+    The linearised regime, whose rate is being measured, ends there.
+    """
     above = np.nonzero(log_mean > math.log(max_loss))[0]
-    return max(int(above[0]) if len(above) else len(log_mean), 2)
+    return max(int(above[0]) if len(above) else len(log_mean), start + 2)
 
 
 def slope(log_values: np.ndarray) -> float:
@@ -251,23 +258,31 @@ def slope(log_values: np.ndarray) -> float:
     return float(np.polyfit(np.arange(len(log_values)), log_values, 1)[0])
 
 
-def escape_rate(curves: list[list[list[float]]], max_loss: float, bootstrap: int, seed: int) -> dict:
-    """Slope of log(mean loss over runs) per step over the fit window, with a bootstrap standard
-    error over runs (the mean of exponentially growing runs is heavy-tailed, so few runs scatter).
+def escape_rate(
+    curves: list[list[list[float]]], max_loss: float, bootstrap: int, seed: int, start: int = 0
+) -> dict:
+    """Slope of log(mean loss over runs) per step from ``start`` to the end of the linear regime.
+
+    Its standard error is a bootstrap over runs (the mean of exponentially growing runs is
+    heavy-tailed, so few runs scatter). The first steps are a transient: log E[loss] grows at the asymptotic rate log rho(T) only
+    once the residual's second moment has turned towards T's top eigenmatrix (SPEC.md 4.1, E4).
     """
     length = min(len(curve) for curve in curves)
     losses = np.array([[loss for _, loss in curve[:length]] for curve in curves])
     log_mean = np.log(losses.mean(axis=0))
-    end = fit_window(log_mean, max_loss)
+    start = min(start, max(length - 2, 0))
+    end = fit_window(log_mean, max_loss, start)
     rng = np.random.default_rng(seed)
     resampled = [
-        slope(np.log(losses[rng.integers(0, len(losses), len(losses)), :end].mean(axis=0)))
+        slope(np.log(losses[rng.integers(0, len(losses), len(losses)), start:end].mean(axis=0)))
         for _ in range(bootstrap)
     ]
     return {
-        "rate": slope(log_mean[:end]),
+        "rate": slope(log_mean[start:end]),
         "stderr": float(np.std(resampled)),
-        "fitted_steps": end,
+        "fit_start": start,
+        "fitted_steps": end - start,
+        "fit_end": end,
         "log_mean_loss": log_mean.tolist(),
     }
 
@@ -280,31 +295,53 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
         "config": to_dict(config),
         "minimum": minimum,
     }
-    claim_escape = "the log mean loss grows at least at the predicted rate log(eta^2 p_B mu ||H||_F^2)"
+    claim_exact = (
+        f"after the transient the log mean loss grows at the exact linearised rate log rho(T) "
+        f"(within {config.rate_tolerance:.0%})"
+    )
+    claim_rigorous = "the log mean loss grows at least at the rigorous rate log(eta^2 p_B mu_min ||H||_F^2)"
     claim_settle = "SGD settles at a flatter minimum with ||H||_F <= sqrt(B/mu)/eta"
     if minimum["train"]["status"] != "converged" or not escapes:
         checks = [
-            check(claim_escape, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
+            check(claim_exact, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
+            check(claim_rigorous, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
             check(claim_settle, None, "no escape was run"),
         ]
         return {**analysis, "holds": overall(checks), "checks": checks}
 
     measured = escape_rate(
-        [record["curve"] for record in escapes], config.fit_max_loss, config.bootstrap, config.seed
+        [record["curve"] for record in escapes],
+        config.fit_max_loss,
+        config.bootstrap,
+        config.seed,
+        config.fit_start,
     )
-    linearized = slope(np.log(minimum["linearized_loss"][: measured["fitted_steps"]]))
+    window = slice(measured["fit_start"], measured["fit_end"])
+    linearized = slope(np.log(minimum["linearized_loss"][window]))
     predicted, rigorous, exact = minimum["predicted_rate"], minimum["rigorous_rate"], minimum["exact_rate"]
+    rate, stderr = measured["rate"], measured["stderr"]
     gd_stable = minimum["sgd_lr"] <= minimum["thresholds"]["gd"]
-    # "At least": the claim fails only when the measured rate is below the prediction by more than two standard errors.
-    escape_check = check(
-        claim_escape,
-        measured["rate"] + 2 * measured["stderr"] >= predicted,
-        f"measured {measured['rate']:.3f} +- {measured['stderr']:.3f} per step (log of the mean of {len(escapes)} SGD runs, "
-        f"first {measured['fitted_steps']} steps) against predicted {predicted:.3f} (mu = {minimum['curvature']['mu']:.3g} "
-        f"at the minimum); linearised SGD ({config.linearized_chains} chains): {linearized:.3f}; exact log rho(T): "
-        f"{exact:.3f}; rigorous rate with mu_min = {minimum['mu_min']:.3g}: {rigorous:.3f}. SGD eta = "
+    supported = "exact log rho(T)" if abs(rate - exact) <= abs(rate - predicted) else "the paper's estimate"
+    # Within the tolerance: holds; off by more than the tolerance plus two standard errors: fails;
+    # in between the chains are too few to tell.
+    miss = abs(rate - exact) - config.rate_tolerance * abs(exact)
+    exact_check = check(
+        claim_exact,
+        True if miss <= 0 else (False if miss > 2 * stderr else None),
+        f"measured {rate:.3f} +- {stderr:.3f} per step ({len(escapes)} SGD runs, steps {measured['fit_start']} to "
+        f"{measured['fit_end']}, relative 95% CI +-{2 * stderr / abs(rate):.0%}) against exact log rho(T) = "
+        f"{exact:.3f} (ratio {rate / exact:.3f}) and the paper's log(eta^2 p_B mu ||H||_F^2) = {predicted:.3f} "
+        f"(mu = {minimum['curvature']['mu']:.3g}; ratio {rate / predicted:.3f}): the data support {supported}. "
+        f"Linearised SGD ({config.linearized_chains} chains), same window: {linearized:.3f}. SGD eta = "
         f"{minimum['sgd_lr']:.4g}, B = {config.batch_size}; GD at this eta would {'stay' if gd_stable else 'also leave'} "
         f"(2/lambda_max = {minimum['thresholds']['gd']:.4g})",
+    )
+    # "At least": fails only when the measured rate is below the bound by more than two standard errors.
+    rigorous_check = check(
+        claim_rigorous,
+        rate + 2 * stderr >= rigorous,
+        f"measured {rate:.3f} +- {stderr:.3f} against log(eta^2 p_B mu_min ||H||_F^2) = {rigorous:.3f} "
+        f"(mu_min = {minimum['mu_min']:.3g})",
     )
     settler = escapes[0]
     settled = settler.get("settled_curvature")
@@ -323,9 +360,10 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
             f"{settler['settle']['steps']} SGD steps; bound sqrt(B/mu)/eta = {bound:.3g} (mu = {settled['mu']:.3g})",
         )
         analysis["settled_bound"] = bound
-    checks = [escape_check, settle_check]
+    checks = [exact_check, rigorous_check, settle_check]
     return {
         **analysis,
+        "supported_prediction": supported,
         "holds": overall(checks),
         "checks": checks,
         "measured": measured,
