@@ -49,7 +49,8 @@ import torch
 
 from sgdstab.errors import InputError, SgdstabError
 from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, to_dict
-from sgdstab.io import FINAL_FILE, Held, RunFolder, atomic_write, lease, read_json, release_held_locks
+from sgdstab.experiments.runs import RunTask, TrainSpec, run_id, spec_config, train_and_measure, try_execute
+from sgdstab.io import FINAL_FILE, Held, RunFolder, atomic_write, lease, read_json
 from sgdstab.stability import batch_noise_factor, frobenius_bound
 
 # ------------------------------------------------------------------------------------- tasks
@@ -75,18 +76,6 @@ def is_finished(task: Task) -> bool:
     return (task.path / FINAL_FILE).exists()
 
 
-class RunTask(submitit.helpers.Checkpointable):
-    """A task that SLURM may requeue (preemption, time-out): it first gives up its run's lease.
-
-    submitit calls ``checkpoint`` in the job before it requeues it; releasing the lease there
-    lets the rerun, on any node, take the run at once rather than after the lease expires.
-    """
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        release_held_locks()
-        return super().checkpoint(*args, **kwargs)
-
-
 @dataclass(frozen=True)
 class TrainTask(RunTask):
     """One training run of ``spec`` in ``<root>/<experiment>/<label>-<config hash>/``.
@@ -100,26 +89,21 @@ class TrainTask(RunTask):
     root: str
     experiment: str
     label: str
-    spec: Any  # sgdstab.experiments.runs.TrainSpec
+    spec: TrainSpec
     measure: MeasureConfig | None = None
     checkpoint_every: int = 200
 
     @property
     def config(self) -> dict:
-        from sgdstab.experiments.runs import spec_config
-
         extra = {} if self.measure is None else {"measure": to_dict(self.measure)}
         return spec_config(self.spec, **extra)
 
     @property
     def path(self) -> Path:
-        from sgdstab.experiments.runs import run_id
-
         return RunFolder(self.root, self.experiment, run_id(self.label, self.config)).path
 
     def __call__(self) -> dict | Held:
         """Train (and measure) in the run folder: the final record, or ``Held`` (see ``Task``)."""
-        from sgdstab.experiments.runs import train_and_measure, try_execute
 
         def work(folder: RunFolder) -> dict:
             return train_and_measure(folder, self.spec, self.measure, checkpoint_every=self.checkpoint_every)
@@ -165,7 +149,8 @@ def _run_stage(
 
     Raises ``SweepError`` naming every run that did not finish.
     """
-    pending = [task for task in tasks if not is_finished(task)]
+    # One task per run folder: a stage may name a run twice (E3's base point is in both sweeps).
+    pending = list({task.path: task for task in tasks if not is_finished(task)}.values())
     failures: dict[Path, str] = {}
     while pending:
         outcomes, failed = run_tasks(pending)
@@ -411,14 +396,12 @@ TABLE_COLUMNS = (
 )
 
 
-def train_spec(**arguments: Any) -> Any:
+def train_spec(**arguments: Any) -> TrainSpec:
     """The ``TrainSpec`` that ``sgdstab train`` builds from these arguments (missing ones: its defaults).
 
     As in ``sgdstab train``, ``seed`` draws the data subset, the initial weights and the batches;
     ``batch_size`` None or 0 is full-batch GD.
     """
-    from sgdstab.experiments.runs import TrainSpec
-
     unknown = sorted(set(arguments) - set(TRAIN_DEFAULTS))
     if unknown:
         raise InputError(f"unknown train argument(s) {unknown}; choose from {sorted(TRAIN_DEFAULTS)}")

@@ -8,22 +8,29 @@ whole of training, for every family. "Bounded away from 0" is tested as min mu >
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sgdstab.alignment import alignment
 from sgdstab.errors import InputError
 from sgdstab.experiments.analysis import check, overall, save_analysis
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
-    execute,
     no_progress,
+    run_stage,
     run_training,
     spec_config,
 )
+from sgdstab.io import RunFolder
 from sgdstab.problem import Problem
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E1"
 TITLE = "Alignment factor along training"
@@ -79,21 +86,26 @@ def default_config(scale: str) -> Config:
     return preset(scale, quick, full)
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """Train every family (one independent run each, on ``executor``; None: here, in order) and analyse."""
+    records = run_stage(tasks(config, root), executor, progress)
+    progress(NAME, len(records), len(records))
+    return save_analysis(root, NAME, analyse(records, config))
+
+
+def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
+    """One run per family: SGD with mu measured along the way."""
     if len(config.lrs) != len(config.families):
         raise InputError(
             f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs"
         )
-
-    def measure(problem: Problem) -> dict[str, float]:
-        result = alignment(
-            problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
-        )
-        return {"mu": result.mu, "mu_stderr": result.stderr}
-
-    records = []
-    for index, (family, lr) in enumerate(zip(config.families, config.lrs)):
-        progress(f"{NAME} {family.title}", index, len(config.families))
+    units = []
+    for family, lr in zip(config.families, config.lrs, strict=True):
         spec = TrainSpec(
             data=config.data,
             model=family,
@@ -107,24 +119,31 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
             device=config.device,
             dtype=config.dtype,
         )
-
-        def work(folder, spec=spec):
-            _, result = run_training(folder.path, spec, measure=measure)
-            rows = [row for row in (*result.history, result.final) if "mu" in row]
-            # The final row repeats the last history row when the run stopped on a measurement step.
-            unique = list({row["step"]: row for row in rows}.values())
-            return {
-                "train": result.summary(),
-                "mu_curve": [{k: row[k] for k in ("step", "loss", "mu", "mu_stderr")} for row in unique],
-            }
-
         # The alignment settings change the recorded mu curve: they belong to the run's identity.
         run_config = spec_config(
             spec, family_label=family.title, alignment=config.alignment, num_probes=config.num_probes
         )
-        records.append(execute(root, NAME, family.name, run_config, work))
-    progress(NAME, len(config.families), len(config.families))
-    return save_analysis(root, NAME, analyse(records, config))
+        work = functools.partial(_train_measuring_mu, spec=spec, config=config)
+        units.append(FolderTask(os.fspath(root), NAME, family.name, run_config, work))
+    return units
+
+
+def _alignment(problem: Problem, config: Config) -> dict[str, float]:
+    result = alignment(
+        problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
+    )
+    return {"mu": result.mu, "mu_stderr": result.stderr}
+
+
+def _train_measuring_mu(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
+    _, result = run_training(folder.path, spec, measure=functools.partial(_alignment, config=config))
+    rows = [row for row in (*result.history, result.final) if "mu" in row]
+    # The final row repeats the last history row when the run stopped on a measurement step.
+    unique = list({row["step"]: row for row in rows}.values())
+    return {
+        "train": result.summary(),
+        "mu_curve": [{k: row[k] for k in ("step", "loss", "mu", "mu_stderr")} for row in unique],
+    }
 
 
 def analyse(records: list[dict], config: Config) -> dict:

@@ -22,17 +22,24 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import submitit
 
 from sgdstab.experiments.config import MeasureConfig
 from sgdstab.io import (
+    FINAL_FILE,
     RESULT_FORMAT_VERSION,
     Held,
     RunFolder,
     append_jsonl,
     config_id,
     lease,
+    read_json,
+    release_held_locks,
     remove_temporaries,
 )
 
@@ -47,6 +54,9 @@ from sgdstab.run_spec import spec_config as spec_config
 from sgdstab.run_spec import suite_progress as suite_progress
 from sgdstab.run_spec import train_run as train_run
 from sgdstab.summary import curvature_summary
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 
 def no_progress(label: str, done: int, total: int) -> None:
@@ -131,3 +141,59 @@ def train_and_measure(
     if measure is not None and result.status == "converged":
         final["curvature"] = curvature_summary(problem, **measure.kwargs()).to_dict()
     return final
+
+
+# ------------------------------------------------------------------------------------- tasks
+class RunTask(submitit.helpers.Checkpointable):
+    """A task that SLURM may requeue (preemption, time-out): it first gives up its run's lease.
+
+    submitit calls ``checkpoint`` in the job before it requeues it; releasing the lease there
+    lets the rerun, on any node, take the run at once rather than after the lease expires.
+    """
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        release_held_locks()
+        return super().checkpoint(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class FolderTask(RunTask):
+    """One unit of a recipe as a task for an executor: ``try_execute`` of ``work`` in its run folder.
+
+    ``work`` must pickle (a module-level function, or a ``functools.partial`` of one, with
+    picklable arguments): worker processes and SLURM jobs receive it pickled.
+    """
+
+    root: str
+    experiment: str
+    label: str
+    config: dict
+    work: Callable[[RunFolder], dict]
+
+    @property
+    def path(self) -> Path:
+        return RunFolder(self.root, self.experiment, run_id(self.label, self.config)).path
+
+    def __call__(self) -> dict | Held:
+        return try_execute(self.root, self.experiment, self.label, self.config, self.work)
+
+
+def run_stage(
+    tasks: Sequence[FolderTask], executor: Executor | None = None, progress: Progress = no_progress
+) -> list[dict]:
+    """The final records of ``tasks``, independent runs of one recipe stage, in task order.
+
+    ``executor`` None: each in this process, in order, reporting ``progress`` per task (waiting
+    for any run another worker holds); otherwise ``executor.run`` (a pool of workers, SLURM).
+    Either way the records are read back from ``final.json``, as a resumed suite reads them, so
+    an analysis never depends on who ran its runs.
+    """
+    if executor is None:
+        for index, task in enumerate(tasks):
+            progress(f"{task.experiment} {task.label}", index, len(tasks))
+            execute(task.root, task.experiment, task.label, task.config, task.work)
+    else:
+        if tasks:
+            progress(f"{tasks[0].experiment} {len(tasks)} runs on {type(executor).__name__}", 0, len(tasks))
+        executor.run([tasks])
+    return [read_json(task.path / FINAL_FILE) for task in tasks]
