@@ -88,7 +88,7 @@ def plot_e2(analysis: dict, fig: Figure) -> None:
     axis = fig.subplots()
     converged = [r for r in analysis["rows"] if "frobenius" in r]
     sizes = sorted({r["batch_size"] for r in analysis["rows"]})
-    colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4))
+    colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4, strict=False))
     for size in sizes:
         group = [r for r in converged if r["batch_size"] == size]
         axis.errorbar(
