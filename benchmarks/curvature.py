@@ -10,6 +10,9 @@ the library itself never imports them. Rows, for each workload:
 - trace to 5% relative standard error: sgdstab ``trace(target_rel_stderr=0.05)`` vs PyHessian
   ``trace()`` with its own stopping rule (relative change of the running mean below 1e-3, at most
   100 probes); PyHessian's standard error is computed here from the probe values it returns.
+- trace to 5% relative error, certified: sgdstab ``trace(target_rel_error=0.05)`` (XTrace, stops
+  at two error estimates <= 5%) vs PyHessian's trace scaled to the same standard error (cost of
+  Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products.
 - ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
   ``hutchinson_squared_fro``.
 - one HVP and one gradient: both sgdstab Hessian backends, curvlinops and PyHessian HVPs, and
@@ -53,6 +56,7 @@ try:  # peers: benchmark-only dependencies
     # The module, not the class ``pyhessian.hessian`` that its __init__ re-exports under that name.
     _pyhessian_module = sys.modules["pyhessian.hessian"]
     from curvlinops import HessianLinearOperator, hutchinson_squared_fro
+    from curvlinops import xtrace as curvlinops_xtrace
 except ImportError as error:  # pragma: no cover - depends on the environment
     sys.exit(
         f"benchmarks/curvature.py needs the peers installed ({error}); create the benchmark "
@@ -62,6 +66,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
 LAMBDA_TOL = 1e-3
 TRACE_REL_STDERR = 0.05
+TRACE_REL_ERROR = 0.05
+#: Issue 9's HVP / gradient goals per model family.
+HVP_GOAL = {"mlp": 2.2, "cnn": 2.5, "cnn_trained": 2.5}
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 300, 128, 0.05
 
 warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian's backward(create_graph)
 
@@ -69,7 +77,7 @@ warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian'
 # ------------------------------------------------------------------------------- workloads
 def make_mlp(widths: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.Tanh())
@@ -98,16 +106,35 @@ def make_workload(name: str, n: int, mlp_widths: tuple[int, ...], cnn_channels: 
     if name == "mlp":
         widths = mlp_widths
         model, description = make_mlp(widths), "MLP " + "-".join(map(str, widths)) + ", tanh"
-    elif name == "cnn":
+    elif name in ("cnn", "cnn_trained"):
         channels = cnn_channels
         model = make_cnn(channels)
         description = f"CNN conv3x3/2 {channels[0]}-{channels[1]}-{channels[2]} + linear, relu"
     else:
-        raise SystemExit(f"unknown workload {name!r}; choose from mlp, cnn")
+        raise SystemExit(f"unknown workload {name!r}; choose from mlp, cnn, cnn_trained")
     model = model.float().eval()
     inputs = torch.randn(n, 3, 32, 32)
     targets = nn.functional.one_hot(torch.randint(0, 10, (n,)), 10).float()
+    if name == "cnn_trained":
+        loss = train_sgd(model, inputs, targets)
+        description += (
+            f", after {TRAIN_STEPS} SGD steps (lr {TRAIN_LR}, batch {TRAIN_BATCH}; loss {loss:.3g})"
+        )
     return {"name": name, "description": description, "model": model, "x": inputs, "y": targets}
+
+
+def train_sgd(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Plain SGD on the benchmark's loss (1/2 mean ||f - y||^2), seed 0: a model away from its
+    initialisation, whose spectrum has a closer second eigenvalue. Returns the final full loss."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
+    for _ in range(TRAIN_STEPS):
+        batch = torch.randint(0, len(inputs), (TRAIN_BATCH,), generator=generator)
+        optimizer.zero_grad()
+        (model(inputs[batch]) - targets[batch]).pow(2).sum(dim=1).mean().div(2).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((model(inputs) - targets).pow(2).sum(dim=1).mean() / 2)
 
 
 class Peers:
@@ -122,7 +149,7 @@ class Peers:
         n = self.n
         # sgdstab's L as a PyHessian criterion on the full batch.
         self.pyhessian_criterion = lambda outputs, targets: (outputs - targets).pow(2).sum() / (2 * n)
-        chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size)))
+        chunks = list(zip(self.x.split(chunk_size), self.y.split(chunk_size), strict=True))
         curvlinops_h = HessianLinearOperator(
             self.model,
             nn.MSELoss(reduction="sum"),
@@ -145,13 +172,16 @@ class Peers:
             p.grad = None
 
     def to_list(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in self.params]), self.params)]
+        return [
+            piece.view_as(p)
+            for piece, p in zip(v.split([p.numel() for p in self.params]), self.params, strict=True)
+        ]
 
     def autograd_gradient(self) -> None:
         """The gradient of L by plain autograd, over the same chunks as sgdstab and curvlinops."""
         for p in self.params:
             p.grad = None
-        for x, y in zip(self.x.split(self.chunk_size), self.y.split(self.chunk_size)):
+        for x, y in zip(self.x.split(self.chunk_size), self.y.split(self.chunk_size), strict=True):
             self.pyhessian_criterion(self.model(x), y).backward()
 
 
@@ -179,7 +209,7 @@ class PyHessianRecorder:
             hv = self._original(gradsH, params, v)
             self.count += 1
             if self.record:
-                theta = float(sum((a * b).sum() for a, b in zip(hv, v)))
+                theta = float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))
                 self.records.append((clock(), theta))
                 if self.stop_when is not None and self.stop_when(self.records):
                     raise PyHessianRecorder.Enough
@@ -270,7 +300,7 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
     for r in range(repeats):
         # cache_graph: PyHessian also builds its gradient graph once and reuses it for every HVP.
         t, res = timed(
-            lambda: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
+            lambda r=r: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
         )
         value = float(res.values[0])
         ours.append(
@@ -323,9 +353,9 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
         "sgdstab": ours,
         "pyhessian_own_rule": own,
         "pyhessian_to_1e-3": oracle,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, oracle, strict=True)]),
         "speedup_vs_own_rule": median(
-            [p["time_s"] / o["time_s"] for o, p in zip(ours, own) if p is not None] or [math.nan]
+            [p["time_s"] / o["time_s"] for o, p in zip(ours, own, strict=True) if p is not None] or [math.nan]
         ),
     }
 
@@ -335,7 +365,7 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     for r in range(repeats):
         # ``block`` probes, then 32 more (the default block_size) until the stderr is 5%.
         t, res = timed(
-            lambda: trace(
+            lambda r=r: trace(
                 hessian(peers.problem, cache_graph=True),
                 num_probes=block,
                 target_rel_stderr=TRACE_REL_STDERR,
@@ -359,9 +389,53 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     return {
         "sgdstab": ours,
         "pyhessian": theirs,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
-        "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs, strict=True)]),
+        "speedup_at_equal_stderr": median([cost(p) / cost(o) for o, p in zip(ours, theirs, strict=True)]),
         "z_score": _z(ours, theirs),
+    }
+
+
+def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
+    """XTrace to 5% relative error against PyHessian's Hutchinson (its runs from ``trace_row``)
+    scaled to the same standard error, and against curvlinops' XTrace at the same products."""
+    ours, theirs = [], []
+    for r in range(repeats):
+        t, res = timed(
+            lambda r=r: trace(
+                hessian(peers.problem, cache_graph=True), target_rel_error=TRACE_REL_ERROR, seed=r
+            )
+        )
+        ours.append({"time_s": t, "value": res.value, "stderr": res.stderr, "num_matvecs": res.num_matvecs})
+        torch.manual_seed(r)  # curvlinops draws its test vectors from the global generator
+        t, value = timed(
+            lambda res=res: curvlinops_xtrace(peers.curvlinops_hessian, num_matvecs=res.num_matvecs)
+        )
+        theirs.append({"time_s": t, "value": float(value), "num_matvecs": res.num_matvecs})
+
+    def pyhessian_time_at(rel_stderr: float, row: dict) -> float:
+        # Hutchinson's stderr falls like 1/sqrt(probes): time to rel_stderr from its own run.
+        return row["time_s"] * (row["stderr"] / abs(row["value"]) / rel_stderr) ** 2
+
+    pyhessian = hutchinson["pyhessian"]
+    return {
+        "sgdstab_xtrace": ours,
+        "curvlinops_xtrace": theirs,
+        "speedup_vs_pyhessian_at_equal_stderr": median(
+            [
+                pyhessian_time_at(o["stderr"] / abs(o["value"]), p) / o["time_s"]
+                for o, p in zip(ours, pyhessian, strict=True)
+            ]
+        ),
+        "speedup_vs_pyhessian_at_5pct_stderr": median(
+            [
+                pyhessian_time_at(TRACE_REL_ERROR, p) / o["time_s"]
+                for o, p in zip(ours, pyhessian, strict=True)
+            ]
+        ),
+        "speedup_vs_curvlinops_xtrace": median(
+            [c["time_s"] / o["time_s"] for o, c in zip(ours, theirs, strict=True)]
+        ),
+        "z_score_vs_pyhessian": _z(ours, pyhessian),
     }
 
 
@@ -378,7 +452,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
         t, res = timed(
-            lambda: frobenius_norm(
+            lambda r=r: frobenius_norm(
                 hessian(peers.problem, cache_graph=True), num_probes=num_probes, block_size=num_probes, seed=r
             )
         )
@@ -402,7 +476,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
         "curvlinops": theirs,
         "sgdstab_spread": statistics.stdev(o["value"] for o in ours) if repeats > 1 else math.nan,
         "curvlinops_spread": spread,
-        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs)]),
+        "speedup": median([p["time_s"] / o["time_s"] for o, p in zip(ours, theirs, strict=True)]),
         "z_score": _z(ours, theirs) if repeats > 1 else math.nan,
     }
 
@@ -417,11 +491,12 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
     h_cached = hessian(peers.problem, cache_graph=True)
     v_list = peers.to_list(v)
 
+    ph = peers.pyhessian()
+
     def pyhessian_reused():
         # The HVP PyHessian repeats on a graph built once (build not timed here).
         return _pyhessian_module.hessian_vector_product(ph.gradsH, ph.params, v_list)
 
-    ph = peers.pyhessian()
     cases = {
         "gradient (torch autograd)": (peers.autograd_gradient, 1),
         "gradient (sgdstab Problem.gradient)": (peers.problem.gradient, 1),
@@ -435,20 +510,19 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
         "PyHessian HVP on its reused graph": (pyhessian_reused, 1),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, (fn, columns) in cases.items():  # warm-up (torch.func first-call overhead)
+    for fn, columns in cases.values():  # warm-up (torch.func first-call overhead)
         if columns == 1:
             fn()
     for _ in range(repeats):
         for name, (fn, columns) in cases.items():
             times[name].append(timed(fn)[0] / columns)
-    del ph
     peers.release_pyhessian()
     grad = times["gradient (torch autograd)"]
     return {
         name: {
             "time_s": median(ts),
             "times_s": ts,
-            "ratio_to_gradient": median([t / g for t, g in zip(ts, grad)]),
+            "ratio_to_gradient": median([t / g for t, g in zip(ts, grad, strict=True)]),
         }
         for name, ts in times.items()
     }
@@ -523,6 +597,36 @@ def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
             f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)",
         )
     )
+    ct = res["certified_trace"]
+    o, c = ct["sgdstab_xtrace"], ct["curvlinops_xtrace"]
+    rows.append(
+        (
+            f"{name}: trace to {TRACE_REL_ERROR:.0%} rel. error, certified",
+            "",
+            "",
+            f"z vs PyHessian = {ct['z_score_vs_pyhessian']:.2f}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  sgdstab trace(target_rel_error) (XTrace)",
+            fmt_time(_med(o, "time_s")),
+            f"{_med(o, 'num_matvecs'):g} HVP",
+            f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
+            f"PyHessian at equal stderr {ct['speedup_vs_pyhessian_at_equal_stderr']:.2f}x "
+            f"(at 5% stderr {ct['speedup_vs_pyhessian_at_5pct_stderr']:.2f}x)",
+        )
+    )
+    rows.append(
+        (
+            "  curvlinops xtrace, same products",
+            fmt_time(_med(c, "time_s")),
+            f"{_med(c, 'num_matvecs'):g} HVP",
+            f"{_med(c, 'value'):.5g}",
+            f"{ct['speedup_vs_curvlinops_xtrace']:.2f}x",
+        )
+    )
     fr = res["frobenius"]
     o, p = fr["sgdstab"], fr["curvlinops"]
     rows.append(
@@ -562,7 +666,7 @@ def print_table(results: dict) -> None:
     except ImportError:
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         for r in [header] + rows:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
         return
     m = results["machine"]
     table = Table(
@@ -583,16 +687,24 @@ def _read(path: str) -> str | None:
         return None
 
 
-def targets(res: dict) -> dict:
-    """The issue's targets for one workload: measured value, goal, met."""
-    lm, hvp = res["lambda_max"], res["hvp"]
+def targets(name: str, res: dict) -> dict:
+    """Issue 9's targets (and consistency checks) for one workload: measured value, goal, met."""
+    lm, hvp, ct = res["lambda_max"], res["hvp"], res["certified_trace"]
+    hvp_ratio = hvp["sgdstab HVP double_backward"]["ratio_to_gradient"]
+    hvp_goal = HVP_GOAL.get(name, 2.5)
     rows = {
         "lambda_max speedup vs PyHessian at 1e-3 error": (lm["speedup"], ">= 3", lm["speedup"] >= 3),
-        "HVP (default double_backward) / gradient": (
-            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"],
-            "<= 2.5",
-            hvp["sgdstab HVP double_backward"]["ratio_to_gradient"] <= 2.5,
+        "trace certified 5%: PyHessian time at equal stderr / sgdstab XTrace": (
+            ct["speedup_vs_pyhessian_at_equal_stderr"],
+            ">= 5",
+            ct["speedup_vs_pyhessian_at_equal_stderr"] >= 5,
         ),
+        "trace certified 5%: curvlinops xtrace time / sgdstab XTrace (same products)": (
+            ct["speedup_vs_curvlinops_xtrace"],
+            ">= 1",
+            ct["speedup_vs_curvlinops_xtrace"] >= 1,
+        ),
+        "HVP (default operator, fresh) / gradient": (hvp_ratio, f"<= {hvp_goal}", hvp_ratio <= hvp_goal),
         "curvlinops / sgdstab time per Frobenius probe": (
             res["frobenius"]["speedup"],
             ">= 1",
@@ -650,7 +762,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--n", type=int, default=None, help="samples (default 2048, 64 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke run in seconds")
-    parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument(
+        "--workloads", default="mlp,cnn,cnn_trained", help="comma-separated: mlp, cnn, cnn_trained"
+    )
     parser.add_argument("--chunk-size", type=int, default=1024, help="sgdstab chunk / curvlinops batch size")
     parser.add_argument(
         "--frobenius-probes", type=int, default=None, help="probes for ||H||_F^2 (default 16, 4 with --quick)"
@@ -672,7 +786,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--cnn-channels", default=None, help="default 8,16,16 (4,4,8 with --quick)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="merge these result files into --output; run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
@@ -717,8 +840,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["hvp"] = hvp_row(peers, args.repeats, block)
         res["lambda_max"] = lambda_max_row(peers, args.repeats)
         res["trace"] = trace_row(peers, args.repeats, block)
+        res["certified_trace"] = certified_trace_row(peers, args.repeats, res["trace"])
         res["frobenius"] = frobenius_row(peers, args.repeats, probes)
-        res["targets"] = targets(res)
+        res["targets"] = targets(name, res)
         res["wall_s"] = time.perf_counter() - stamp
         results["workloads"][name] = res
         print(
@@ -728,15 +852,32 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     results["wall_s"] = time.perf_counter() - start
+    report_and_write(results, args.output)
+    return results
+
+
+def report_and_write(results: dict, output: Path) -> None:
     print_table(results)
     for name, res in results["workloads"].items():
         for target, t in res["targets"].items():
             print(f"{name}: {target}: {t['value']:.3g} (goal {t['goal']}) {'met' if t['met'] else 'MISSED'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=float))
-    tmp.replace(args.output)
-    print(f"wrote {args.output} ({results['wall_s']:.0f} s)")
+    tmp.replace(output)
+    print(f"wrote {output} ({results['wall_s']:.0f} s)")
+
+
+def merge(paths: list[Path], output: Path) -> dict:
+    """One table and JSON from runs of single workloads (run side by side on a shared machine,
+    each in its own one-thread process: CPU-time clocks do not see each other)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    results = {**runs[0], "merged_from": [str(p) for p in paths], "workloads": {}}
+    results["command"] = [run["command"] for run in runs]
+    results["wall_s"] = max(run["wall_s"] for run in runs)
+    for run in runs:
+        results["workloads"].update(run["workloads"])
+    report_and_write(results, output)
     return results
 
 

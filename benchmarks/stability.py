@@ -13,6 +13,13 @@ for C = 1 and 101,770 for C = 10):
 - stability at a planted interpolating minimum (targets = the network's own outputs, so H = G
   exactly): the whole ``stability()`` call and, separately, eta* alone from K's spectrum, for
   nC = 2000 (n = 2000, C = 1 and n = 200, C = 10);
+- the exact paths at nC = 8192 (n = 8192, C = 1; n = 819, C = 10), the largest K the default
+  budget admits, in one process: K (``gram_matrix``), its spectrum (``gram_spectrum``), then
+  mu and mu_min from that spectrum (``alignment(..., spectrum=)``) and eta* from it
+  (``SecondMomentMap.threshold``). Exact mu costs K + spectrum + the rest, eta* costs
+  K + spectrum + the threshold: what ``alignment(problem, method="exact")`` and a fresh
+  ``stability`` call would spend on them. Targets (issue 9): mu <= 60 s, eta* <= 600 s,
+  peak resident memory <= 8 GiB, each marked met or missed;
 - the parameter-space Kronecker route (p^2 x p^2 second-moment operator; eta* by Brent's method on
   its spectral radius) next to ours on tiny MLPs (inputs 3, p <= 40) where it fits.
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -100,6 +108,55 @@ def _warm_up() -> None:
     stability(problem, lr=0.1, batch_size=2)
 
 
+#: Issue 9's targets for the exact paths at nC = 8192, on this 2-core machine.
+LARGE_TARGETS = dict(mu_seconds=60.0, threshold_seconds=600.0, peak_rss_mib=8192.0)
+
+
+def _exact_large(case: dict) -> dict:
+    """K, its spectrum, exact mu and eta* at one large nC, each timed (wall and CPU), in one process."""
+    import gc
+
+    from sgdstab.alignment import alignment
+    from sgdstab.sample_space import gram_matrix, gram_spectrum
+    from sgdstab.stability import SecondMomentMap, batch_noise_factor
+
+    problem = _mnist_mlp(case["n"], case["outputs"], planted=False)  # K does not depend on the targets
+    row: dict = {}
+
+    def timed(name, function):
+        value, seconds = _timed(function)
+        row[f"{name}_seconds"], row[f"{name}_cpu_seconds"] = seconds, _timed.cpu
+        # Stage by stage on stderr (which the driver passes through): a run stopped for time keeps them.
+        print(f"  {name}: {seconds:.1f} s wall, {_timed.cpu:.1f} s CPU", file=sys.stderr, flush=True)
+        return value
+
+    gram = timed("gram", lambda: gram_matrix(problem))
+    spectrum = timed("spectrum", functools.partial(gram_spectrum, gram, problem.num_outputs))
+    del gram  # as build_gram_spectrum does: only the float64 K stays
+    gc.collect()
+    result = timed("mu_rest", lambda: alignment(problem, hessian=False, spectrum=spectrum))
+    moment = SecondMomentMap(
+        spectrum, batch_noise_factor(problem.num_samples, case["batch"], "with_replacement")
+    )
+    threshold = timed("threshold_only", moment.threshold)
+    shared, shared_cpu = (
+        row["gram_seconds"] + row["spectrum_seconds"],
+        row["gram_cpu_seconds"] + row["spectrum_cpu_seconds"],
+    )
+    row.update(
+        mu=result.mu,
+        mu_min=result.mu_min,
+        threshold=threshold,
+        rank=spectrum.rank,
+        mu_seconds=shared + row["mu_rest_seconds"],
+        mu_cpu_seconds=shared_cpu + row["mu_rest_cpu_seconds"],
+        threshold_seconds=shared + row["threshold_only_seconds"],
+        threshold_cpu_seconds=shared_cpu + row["threshold_only_cpu_seconds"],
+    )
+    row["seconds"] = row["mu_seconds"]
+    return row
+
+
 def run_case(case: dict) -> dict:
     from sgdstab.alignment import alignment
     from sgdstab.sample_space import gram_matrix, gram_spectrum
@@ -139,6 +196,8 @@ def run_case(case: dict) -> dict:
         row.update(
             threshold=threshold, seconds=seconds, gram_seconds=gram_seconds, spectrum_seconds=spectrum_seconds
         )
+    elif kind == "exact_large":
+        row.update(_exact_large(case))
     elif kind in ("kronecker", "ours_tiny"):
         problem = _tiny_mlp(case["hidden"], case["n"])
         batch_noise = batch_noise_factor(problem.num_samples, case["batch"], "with_replacement")
@@ -150,8 +209,14 @@ def run_case(case: dict) -> dict:
         row.update(threshold=threshold, seconds=seconds, p=problem.num_params)
     else:
         raise ValueError(f"unknown case kind {kind!r}")
-    row["cpu_seconds"] = getattr(_timed, "cpu", math.nan)
+    row.setdefault("cpu_seconds", getattr(_timed, "cpu", math.nan))
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if kind == "exact_large":
+        row["cpu_seconds"] = row["threshold_cpu_seconds"]
+        row["targets"] = {
+            name: dict(target=target, value=row[name], met=row[name] <= target)
+            for name, target in LARGE_TARGETS.items()
+        }
     return row
 
 
@@ -164,6 +229,7 @@ def cases(quick: bool) -> list[dict]:
             dict(kind="threshold_only", n=200, outputs=1, batch=16),
             dict(kind="kronecker", hidden=3, n=8, batch=2),
             dict(kind="ours_tiny", hidden=3, n=8, batch=2),
+            dict(kind="exact_large", n=200, outputs=1, batch=16),
         ]
     rows = []
     for n in (500, 1000, 2000, 4000, 10000):
@@ -176,6 +242,10 @@ def cases(quick: bool) -> list[dict]:
         dict(kind="threshold_only", n=200, outputs=10, batch=32),
         dict(kind="stability", n=2000, outputs=1, batch=32, lr=0.025),
         dict(kind="stability", n=200, outputs=10, batch=32, lr=0.01),
+    ]
+    rows += [
+        dict(kind="exact_large", n=8192, outputs=1, batch=32),
+        dict(kind="exact_large", n=819, outputs=10, batch=32),
     ]
     for hidden in (2, 4, 9):  # p = 11, 21, 46
         rows.append(dict(kind="kronecker", hidden=hidden, n=16, batch=4))
@@ -208,6 +278,14 @@ def _summary(row: dict) -> str:
             )
         )
         parts.append(f"rho={row['growth_factor']:.6f}")
+    if "targets" in row:
+        parts.append(
+            f"rank={row['rank']}; "
+            + "; ".join(
+                f"{name} {entry['value']:.0f} (target {entry['target']:.0f}: {'met' if entry['met'] else 'MISSED'})"
+                for name, entry in row["targets"].items()
+            )
+        )
     if "p" in row:
         parts.append(f"p={row['p']}")
     return " ".join(parts)
@@ -218,6 +296,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only",
+        help="comma-separated case kinds to run (e.g. exact_large); their rows replace the same cases "
+        "in the existing JSON and the other rows are kept, each with its own date",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,17 +310,24 @@ def main() -> None:
 
     rows = []
     print(f"{'case':<52} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}  result")
-    for case in cases(args.quick):
+    selected = cases(args.quick)
+    if args.only:
+        selected = [case for case in selected if case["kind"] in args.only.split(",")]
+    for case in selected:
         load = os.getloadavg()[0]
         command = [sys.executable, __file__, "--threads", str(args.threads), "--case", json.dumps(case)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        # The case's stderr (progress, or a traceback) goes straight to ours.
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            row = dict(
-                error=done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"
-            )
+            row = dict(error=f"exit {done.returncode} (the case's stderr is printed above)")
         else:
             row = json.loads(done.stdout.strip().splitlines()[-1])
-        row.update(case=case, load_average=load)
+        row.update(
+            case=case,
+            load_average=load,
+            load_average_after=os.getloadavg()[0],
+            date=_dt.datetime.now().isoformat(timespec="seconds"),
+        )
         rows.append(row)
         seconds = row.get("seconds", math.nan)
         print(
@@ -247,6 +337,9 @@ def main() -> None:
             flush=True,
         )
 
+    if args.only and args.output.exists():
+        kept = [row for row in json.loads(args.output.read_text())["rows"] if row["case"] not in selected]
+        rows = kept + rows
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(
         date=_dt.datetime.now().isoformat(timespec="seconds"),

@@ -181,6 +181,37 @@ def test_the_trainer_takes_the_same_measurements_through_its_measure_hook():
     assert result.final["lambda_max"] == pytest.approx(torch.linalg.eigvalsh(dense)[-1].item(), rel=1e-8)
 
 
+def test_per_measure_schedule_measures_what_is_due_and_deflates_the_previous_top_vector():
+    x, y = tiny_data()
+    model = tiny_model()
+    train_loop(model, x, y, 30)
+    every = {"lambda_max": 2, "frobenius": 3, "trace": 3}
+    monitor = Monitor(model, (x, y), every=every, num_probes=400, tol=1e-8)
+    assert monitor.measures == ("lambda_max", "frobenius", "trace")
+    rows = [monitor.step(step) for step in range(7)]
+    assert [row is None for row in rows] == [False, True, False, False, False, True, False]
+    assert "hessian_frobenius" not in rows[2] and "lambda_max" not in rows[3]
+    # Step 3 deflates the step-2 top vector with theta = v^T H v (one product more): still unbiased.
+    dense = sgdstab.hessian(sgdstab.Problem(model, x, y)).to_dense()
+    row = rows[3]
+    assert row["hessian_matvecs"] == 401
+    frobenius = torch.linalg.matrix_norm(dense).item()
+    assert abs(row["hessian_frobenius"] - frobenius) <= 4 * row["hessian_frobenius_stderr"] + 1e-9
+    trace = torch.trace(dense).item()
+    assert abs(row["hessian_trace"] - trace) <= 4 * row["hessian_trace_stderr"] + 1e-9
+
+
+def test_the_measurement_problem_is_built_once_and_rebuilt_when_the_model_moves():
+    x, y = tiny_data()
+    model = tiny_model()
+    monitor = Monitor(model, (x, y), every=1, measures=["lambda_max"])
+    first = monitor.problem()
+    monitor.step(0)
+    assert monitor.problem() is first
+    model.float()  # new parameter storage: a cached Problem would read the old one
+    assert monitor.problem() is not first and monitor.problem().dtype == torch.float32
+
+
 def test_jsonl_and_callback_sinks(tmp_path):
     x, y = tiny_data()
     model = tiny_model()
@@ -226,6 +257,10 @@ def test_measurement_subset_is_seeded_and_loaders_give_the_same_samples():
         ({"batch_size": 25}, "batch_size=25 exceeds the 24 training samples"),
         ({"measures": ["stability"]}, "needs lr and batch_size"),
         ({"sinks": [3]}, "a sink must have write"),
+        ({"every": {"sharpness": 10}}, "every, given per measure, must map names"),
+        ({"every": {"mu": 10}, "measures": ["lambda_max"]}, "give one period per measure"),
+        ({"every": {"mu": 0}}, "every\\['mu'\\] must be a positive integer"),
+        ({"sketch_size": -1}, "sketch_size must be an integer >= 0"),
     ],
 )
 def test_bad_arguments_raise_input_errors(kwargs, message):

@@ -1,11 +1,21 @@
 """The sample-space NTK K = J J^T against a Jacobian built densely by torch.func.jacrev."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from reference import assert_matches, dense_gram, mlp_problem
-from sgdstab import Problem
-from sgdstab.sample_space import block_congruence, gram_matrix, gram_spectrum
+from sgdstab import InputError, Problem
+from sgdstab.sample_space import (
+    DEFAULT_MAX_GRAM_ENTRIES,
+    block_congruence,
+    build_gram_spectrum,
+    check_gram_fits,
+    check_spectrum_matches,
+    gram_matrix,
+    gram_spectrum,
+)
 
 
 def _mlp_problem(num_outputs: int, n: int = 9, chunk_size: int = 4, seed: int = 0) -> Problem:
@@ -55,3 +65,29 @@ def test_block_congruence_equals_explicit_block_diagonal():
     blocks = torch.randn(4, 3, 3, dtype=torch.float64)
     explicit = vectors.T @ torch.block_diag(*blocks) @ vectors
     torch.testing.assert_close(block_congruence(vectors, blocks), explicit)
+
+
+@pytest.mark.parametrize("max_jacobian_entries", [2**27, 84])
+def test_gram_matrix_is_exactly_symmetric(max_jacobian_entries):
+    # Both triangles come from one product per block (no symmetrising copy of K afterwards).
+    gram = gram_matrix(_mlp_problem(3, n=11), max_jacobian_entries=max_jacobian_entries)
+    assert torch.equal(gram, gram.T)
+
+
+def test_built_spectrum_equals_gram_then_spectrum_and_refuses_another_problem():
+    problem = _mlp_problem(2)
+    built = build_gram_spectrum(problem, rank_rtol=1e-10)
+    expected = gram_spectrum(gram_matrix(problem), 2, rtol=1e-10)
+    for field in ("gram", "values", "vectors"):
+        assert torch.equal(getattr(built, field), getattr(expected, field))
+    assert (built.num_samples, built.num_outputs) == (9, 2)
+    check_spectrum_matches(built, problem)
+    with pytest.raises(InputError, match=r"n=9 samples x C=2 outputs.*n=9 x C=3"):
+        check_spectrum_matches(built, _mlp_problem(3))
+
+
+def test_the_default_budget_admits_nc_8192_and_names_the_argument_above():
+    for n, outputs in ((8192, 1), (819, 10)):
+        check_gram_fits(SimpleNamespace(num_samples=n, num_outputs=outputs), DEFAULT_MAX_GRAM_ENTRIES, "")
+    with pytest.raises(MemoryError, match="8200 x 8200.*max_gram_entries="):
+        check_gram_fits(SimpleNamespace(num_samples=820, num_outputs=10), DEFAULT_MAX_GRAM_ENTRIES, "")

@@ -63,9 +63,10 @@ def test_batch_noise_factor():
     assert batch_noise_factor(10, 10, "with_replacement") == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kernel_dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("sampling", SAMPLINGS)
-@pytest.mark.parametrize("num_outputs", [1, 2])
-def test_second_moment_map_equals_expectation_over_every_batch(sampling, num_outputs):
+@pytest.mark.parametrize("num_outputs", [1, 2, 3])
+def test_second_moment_map_equals_expectation_over_every_batch(sampling, num_outputs, kernel_dtype, rtol):
     n, batch, lr = 4, 2, 0.3
     problem = _minimum(0, n, num_outputs, hidden=4)  # p = 12 + 5C > nC: K is full rank
     gram = dense_gram(problem)
@@ -84,8 +85,36 @@ def test_second_moment_map_equals_expectation_over_every_batch(sampling, num_out
             selection[i * num_outputs : (i + 1) * num_outputs] += 1.0 / batch
         step = torch.eye(n * num_outputs, dtype=torch.float64) - lr * gram * selection[None, :]
         expected += step @ moment @ step.T / len(batches)
-    second_moment = SecondMomentMap(gram_spectrum(gram, num_outputs), batch_noise_factor(n, batch, sampling))
-    assert_matches(second_moment.sample_space_step(moment, lr), expected, rtol=1e-10, atol=1e-10)
+    second_moment = SecondMomentMap(
+        gram_spectrum(gram, num_outputs), batch_noise_factor(n, batch, sampling), kernel_dtype=kernel_dtype
+    )
+    scale = expected.abs().max().item()
+    assert_matches(second_moment.sample_space_step(moment, lr), expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("num_outputs,n", [(1, 9), (2, 6)])
+def test_products_in_single_precision_keep_threshold_and_growth(num_outputs, n):
+    # float32 products of D (its cost) on a float64 spectrum, against the float64 Kronecker
+    # truth: measured errors up to 7e-8 relative.
+    problem = _minimum(2, n, num_outputs, hidden=5 - 2 * num_outputs)
+    batch_noise = batch_noise_factor(n, 2, "with_replacement")
+    second_moment = SecondMomentMap(
+        gram_spectrum(dense_gram(problem), num_outputs), batch_noise, kernel_dtype=torch.float32
+    )
+    kronecker = kronecker_second_moment(problem, batch_noise)
+    expected = kronecker_threshold(problem, batch_noise)
+    assert_matches(second_moment.threshold(), expected, rtol=1e-6)
+    for fraction in (0.2, 0.9, 1.1):
+        lr = fraction * expected
+        assert_matches(second_moment.spectral_radius(lr), spectral_radius(kronecker(lr)), rtol=1e-6)
+
+
+def test_products_default_to_the_precision_k_was_computed_in():
+    gram = dense_gram(_minimum(2, 5, 1))
+    for dtype in (torch.float32, torch.float64):
+        spectrum = gram_spectrum(gram.to(dtype), 1)
+        assert spectrum.source_dtype == dtype and spectrum.values.dtype == torch.float64
+        assert SecondMomentMap(spectrum, 0.5)._kernel_factors.dtype == dtype
 
 
 @pytest.mark.parametrize("solver", ["dense", "lanczos"])
@@ -384,3 +413,24 @@ def test_diverged_weights_are_named_not_diagnosed_as_a_zero_ntk():
         stability(problem, lr=0.1, batch_size=2)
     with pytest.raises(DataError, match="parameters are NaN"):
         simulate_linearized_sgd(problem, 0.1, 2, num_steps=2, num_chains=4)
+
+
+def test_one_precomputed_spectrum_serves_stability_simulation_and_alignment():
+    # The callers that analyse one point several times (experiments, the monitor) build K once.
+    from sgdstab.alignment import alignment
+    from sgdstab.sample_space import build_gram_spectrum
+
+    problem = _minimum(12, 7, 2)
+    spectrum = build_gram_spectrum(problem)
+    assert stability(problem, lr=0.3, batch_size=3, spectrum=spectrum) == stability(
+        problem, lr=0.3, batch_size=3
+    )
+    given = simulate_linearized_sgd(problem, 0.3, 3, num_steps=4, num_chains=20, spectrum=spectrum)
+    rebuilt = simulate_linearized_sgd(problem, 0.3, 3, num_steps=4, num_chains=20)
+    torch.testing.assert_close(given.loss_mean, rebuilt.loss_mean, rtol=0, atol=0)
+    noisy = Problem(problem.model, all_data(problem)[0], all_data(problem)[1] + 0.1)
+    assert alignment(noisy, hessian=False, spectrum=spectrum) == alignment(noisy, hessian=False)
+    with pytest.raises(InputError, match="n=7 samples x C=2 outputs"):
+        stability(_minimum(12, 6, 2), lr=0.3, batch_size=3, spectrum=spectrum)
+    with pytest.raises(InputError, match='method="exact" only'):
+        alignment(noisy, method="stochastic", spectrum=spectrum)

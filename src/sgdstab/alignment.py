@@ -44,6 +44,8 @@ from sgdstab.problem import Problem
 from sgdstab.sample_space import (
     DEFAULT_MAX_GRAM_ENTRIES,
     DEFAULT_MAX_JACOBIAN_ENTRIES,
+    GramSpectrum,
+    check_spectrum_matches,
     gram_matrix,
     gram_spectrum,
     worst_case_alignment,
@@ -96,6 +98,7 @@ def alignment(
     rank_rtol: float | None = None,
     max_jacobian_entries: int = DEFAULT_MAX_JACOBIAN_ENTRIES,
     max_gram_entries: int = DEFAULT_MAX_GRAM_ENTRIES,
+    spectrum: GramSpectrum | None = None,
 ) -> AlignmentResult:
     """The alignment factor mu of SGD noise with the Gauss-Newton curvature (SPEC.md section 2).
 
@@ -113,6 +116,15 @@ def alignment(
         worst_case: compute mu_min (exact method; costs two (nC)^3 eigendecompositions), over
             range(K) as ``sample_space.gram_spectrum`` cuts it with ``rank_rtol``.
         max_jacobian_entries: above this J is not stored and K is built panel by panel.
+        max_gram_entries: the exact method refuses (``ResourceLimitError``) a K with more entries.
+        rank_rtol: relative cut-off of K's numerical rank (``sample_space.gram_spectrum``).
+        num_probes: stochastic method: Hutchinson probes for each of the two sums.
+        sketch_size: stochastic method: directions of K deflated exactly before the probes.
+        seed: stochastic method: the seed of every random draw (same seed, same numbers).
+        spectrum: exact method only: K's spectrum at ``theta`` from
+            ``sample_space.build_gram_spectrum`` (e.g. the one ``stability`` uses at the same
+            point); K is then not rebuilt nor eigendecomposed, and ``rank_rtol`` and the budgets
+            are not used. Only its shape is checked against the problem.
 
     Non-finite inputs, targets, parameters or outputs raise ``DataError`` before anything is
     computed (``Problem.check_finite``).
@@ -130,6 +142,12 @@ def alignment(
         raise InputError(f"num_probes must be at least 2 to estimate a standard error, got {num_probes}")
     if sketch_size < 0:
         raise InputError(f"sketch_size must be a non-negative number of directions, got {sketch_size}")
+    if spectrum is not None:
+        if method != "exact":
+            raise InputError(
+                'a precomputed spectrum is used by method="exact" only; drop it or change method'
+            )
+        check_spectrum_matches(spectrum, problem)
     theta = (problem.parameters() if theta is None else theta).detach()
     problem.check_finite(theta)
     if hessian is None:
@@ -137,7 +155,15 @@ def alignment(
     residuals = problem.residuals(theta).reshape(-1).to(torch.float64)
     if method == "exact":
         return _exact(
-            problem, theta, residuals, hessian, worst_case, rank_rtol, max_jacobian_entries, max_gram_entries
+            problem,
+            theta,
+            residuals,
+            hessian,
+            worst_case,
+            rank_rtol,
+            max_jacobian_entries,
+            max_gram_entries,
+            spectrum,
         )
     return _stochastic(problem, theta, residuals, num_probes, seed, hessian, sketch_size)
 
@@ -155,17 +181,21 @@ def _exact(
     rank_rtol: float | None,
     max_jacobian_entries: int,
     max_gram_entries: int,
+    spectrum: GramSpectrum | None,
 ) -> AlignmentResult:
-    gram = gram_matrix(
-        problem,
-        theta,
-        max_jacobian_entries,
-        max_gram_entries,
-        hint='use alignment(..., method="stochastic"), which never forms K',
-    )
     n, outputs = problem.num_samples, problem.num_outputs
-    spectrum = gram_spectrum(gram, outputs, rank_rtol) if worst_case else None
-    gram = spectrum.gram if spectrum is not None else gram.to(torch.float64)
+    if spectrum is None:
+        gram = gram_matrix(
+            problem,
+            theta,
+            max_jacobian_entries,
+            max_gram_entries,
+            hint='use alignment(..., method="stochastic"), which never forms K',
+        )
+        spectrum = gram_spectrum(gram, outputs, rank_rtol) if worst_case else None
+        gram = spectrum.gram if spectrum is not None else gram.to(torch.float64)
+    else:
+        gram = spectrum.gram
     # Rows a_i = K[:, block i] e_i, whose mean is K e / n: n S1 - S2 = n sum_i ||a_i - mean||^2,
     # summed without the cancellation of the two terms.
     per_sample = torch.einsum("icj,ic->ij", gram.reshape(n, outputs, -1), residuals.reshape(n, outputs))
@@ -175,7 +205,7 @@ def _exact(
     mu_hessian = _dense_hessian_alignment(problem, theta, residual_sq) if hessian else None
     return AlignmentResult(
         mu=_ratio(numerator, residual_sq * frobenius_sq),
-        mu_min=worst_case_alignment(spectrum) if spectrum is not None else None,
+        mu_min=worst_case_alignment(spectrum) if worst_case and spectrum is not None else None,
         trace_sigma_g=numerator / n**3,
         loss=residual_sq / (2 * n),
         gn_frobenius=math.sqrt(frobenius_sq) / n,

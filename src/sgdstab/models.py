@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdstab._checks import check_positive_int
+from sgdstab.errors import InputError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -55,7 +56,7 @@ VGG_STAGES: dict[int, tuple[int, ...]] = {
 def vgg_stages(depth: int) -> tuple[int, ...]:
     """Convolutions per stage of VGG-``depth``."""
     if depth not in VGG_STAGES:
-        raise ValueError(
+        raise InputError(
             f"an integer VGG depth must be one of {sorted(VGG_STAGES)}, got {depth}; "
             "or pass depth as a list of convolutions per stage, e.g. [1, 1]"
         )
@@ -65,7 +66,7 @@ def vgg_stages(depth: int) -> tuple[int, ...]:
 def resnet_stages(depth: int) -> tuple[int, ...]:
     """Residual blocks per stage of the CIFAR ResNets of He et al. (2016): depth = 6m + 2, 3 stages of m blocks."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
+        raise InputError(
             f"an integer ResNet depth must be 6m+2 with m >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}; "
             "or pass depth as a list of residual blocks per stage, e.g. [2, 2]"
         )
@@ -86,7 +87,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
-            raise ValueError(f"a model family named {name!r} is already registered; pick another name")
+            raise InputError(f"a model family named {name!r} is already registered; pick another name")
         MODEL_REGISTRY[name] = builder
         return builder
 
@@ -100,13 +101,13 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     ``model_config``. The global torch RNG is not advanced.
     """
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_REGISTRY)}")
+        raise InputError(f"unknown model {name!r}; choose one of {sorted(MODEL_REGISTRY)}")
     builder = MODEL_REGISTRY[name]
     signature = inspect.signature(builder)
     try:
         bound = signature.bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"model {name!r}: {err}; its arguments are {list(signature.parameters)}") from None
+        raise InputError(f"model {name!r}: {err}; its arguments are {list(signature.parameters)}") from None
     bound.apply_defaults()
     # Layer constructors draw their default init from the global RNG; fork it so building a
     # model never changes the random numbers the caller sees next (all weights are redrawn below).
@@ -123,7 +124,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     """
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None:
-        raise ValueError(
+        raise InputError(
             f"this {type(model).__name__} was not made by sgdstab.models.build_model, so it has no config"
         )
     return copy.deepcopy(config)
@@ -143,7 +144,7 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------- checks
 def _activation(name: str) -> type[nn.Module]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise InputError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -160,7 +161,7 @@ def _flat_size(input_shape: int | Sequence[int]) -> int:
 def _image_shape(input_shape: int | Sequence[int]) -> tuple[int, int, int]:
     shape = _sizes("every entry of input_shape", input_shape)
     if len(shape) != 3:
-        raise ValueError(
+        raise InputError(
             f"a CNN needs input_shape = (channels, height, width), e.g. (3, 32, 32); got {input_shape!r}"
         )
     return shape[0], shape[1], shape[2]
@@ -171,7 +172,7 @@ def _stages(
 ) -> tuple[int, ...]:
     stages = table(int(depth)) if isinstance(depth, (int, np.integer)) else _sizes(f"{what} per stage", depth)
     if not stages:
-        raise ValueError(f"depth needs at least one stage of {what}")
+        raise InputError(f"depth needs at least one stage of {what}")
     return stages
 
 
@@ -185,7 +186,7 @@ def _initialize(
     after it); ``scaled`` multiplies the std of chosen layers (the ResNet branch rescaling).
     """
     if init_scale < 0 or not math.isfinite(init_scale):
-        raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
+        raise InputError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
     generator = torch.Generator().manual_seed(seed)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():

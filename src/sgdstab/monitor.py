@@ -1,9 +1,11 @@
 """Measure curvature, alignment and stability inside a user's own training loop.
 
-``Monitor(model, data, ...)`` is called as ``monitor.step(step)`` after each optimizer step. Every
-``every`` steps it builds a ``Problem`` on a fixed measurement set (a seeded, deterministic subset
-of ``n_measure`` samples; the whole set when it has at most ``DEFAULT_MAX_MEASURE_SAMPLES``) and
-records, at the current parameters:
+``Monitor(model, data, ...)`` is called as ``monitor.step(step)`` after each optimizer step. On
+its schedule (``every=k`` for all measures, or one period per measure such as
+``every={"lambda_max": 100, "frobenius": 500, "mu": 1000}``) it measures on a fixed measurement
+set (a seeded, deterministic subset of ``n_measure`` samples; the whole set when it has at most
+``DEFAULT_MAX_MEASURE_SAMPLES``), through one ``Problem`` built once and reused, and records, at
+the current parameters:
 
 - ``lambda_max``: the top Hessian eigenvalue by Lanczos, warm-started from the previous
   measurement's top eigenvector (nearby points have nearby eigenvectors, so fewer products), beside
@@ -12,9 +14,13 @@ records, at the current parameters:
   probes, with the top Ritz pair (theta, v) deflated exactly: tr H = theta + E z^T H' z and
   ||H||_F^2 = theta^2 + E ||H' z||^2 with H' = H - theta v v^T, unbiased for any unit v because
   theta = v^T H v, and far less noisy when lambda_max dominates (the idea of Hutch++, Meyer,
-  Musco, Musco & Woodruff, SOSA 2021);
+  Musco, Musco & Woodruff, SOSA 2021). All probes go through the Hessian operator of the
+  measurement, whose gradient graph Lanczos already built (``cache_graph``), as one block. When
+  lambda_max is not due at that step, the previous top vector v is deflated with theta = v^T H v
+  (one more product);
 - ``mu``: the alignment factor of SGD noise (Wu, Wang & Su, NeurIPS 2022), matrix-free
-  (``alignment(method="stochastic")``), beside ``frobenius_bound`` = 1/(eta sqrt(p_B mu)), which is
+  (``alignment(method="stochastic")``, ``sketch_size`` deflated directions of the NTK and
+  ``num_probes`` probes per sum), beside ``frobenius_bound`` = 1/(eta sqrt(p_B mu)), which is
   sqrt(B/mu)/eta with replacement: a minimum SGD(eta, B) can stay at has ||H||_F below it;
 - with "stability" in ``measures``: ``eta_star`` (the exact largest stable learning rate of the
   linearised SGD, SPEC.md section 3) and ``growth_factor`` at the current (eta, B), on the
@@ -25,7 +31,19 @@ A measurement changes nothing the training sees: the model's per-module train/ev
 parameter's ``.grad`` are restored as they were, parameters are only read, and the global random
 states of torch, numpy and ``random`` are saved and restored (the estimators draw from their own
 seeded generators, with the same probes at every measurement, so a change along training is not
-probe noise). Each row records the seconds the measurement took (``monitor_time_s``).
+probe noise). Each row records the seconds the measurement took (``monitor_time_s``), and every estimate
+its standard error (``*_stderr``) or, for lambda_max, the Lanczos tolerance it met.
+
+Default accuracy (10 Hutchinson probes, a 10-direction sketch for mu): on the quick-scale MLP of
+``benchmarks/monitor.py`` (784-64-1 tanh, MNIST 0 vs 1, n = 500) the reported relative standard
+errors are about 5% for ||H||_F and 0.5-1% for mu (benchmarks/README.md); lambda_max meets ``tol``.
+Standard errors shrink as 1/sqrt(num_probes); each probe costs one more product.
+
+Under ``torchrun`` (a ``torch.distributed`` process group of more than one process) every rank
+builds the Monitor with the same global data and calls ``step`` at the same steps: each holds its
+contiguous shard of the measurement set (``sgdstab.distributed.ShardedProblem``), the products
+are summed across ranks, every rank gets the same numbers, and only rank 0 writes to sinks.
+"stability" needs every sample in one process and is skipped there with a warning.
 
 Rows go to sinks: ``JsonlSink`` (``metrics.jsonl`` and ``config.json`` in a run folder, the default
 when ``out`` is given), ``TensorBoardSink`` (``torch.utils.tensorboard``, with the paired curves
@@ -43,16 +61,18 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from sgdstab.alignment import alignment
+from sgdstab.distributed import ShardedProblem, is_main_process
 from sgdstab.errors import InputError
 from sgdstab.estimators import top_eigenvalues
 from sgdstab.estimators._common import apply_in_blocks, make_generator, rademacher
@@ -70,6 +90,8 @@ DEFAULT_MAX_MEASURE_SAMPLES = 1000
 STABILITY_MAX_SAMPLE_OUTPUTS = 2000
 #: Hessian-vector products per block in the Hutchinson estimates (bounds working memory).
 _PROBE_BLOCK = 32
+#: Measures whose products share one probe block: tr H comes free with ||H||_F.
+_HUTCHINSON_MEASURES = ("frobenius", "trace")
 
 Row = dict[str, float]
 
@@ -297,15 +319,45 @@ def measurement_subset(
 
 
 # ============================================================================ the monitor
+def _schedule(every: int | Mapping[str, int], measures: Sequence[str] | None) -> dict[str, int]:
+    """{measure: period} from ``every`` (one period for all, or one per measure) and ``measures``."""
+    if isinstance(measures, str):
+        measures = [measures]
+    if isinstance(every, Mapping):
+        unknown = [m for m in every if m not in MEASURES]
+        if unknown or not every:
+            raise InputError(
+                f"every, given per measure, must map names from {MEASURES} to periods, got {dict(every)!r}"
+            )
+        if measures is not None and set(measures) != set(every):
+            raise InputError(
+                f"every gives periods for {sorted(every)} but measures are {sorted(measures)}; "
+                "give one period per measure (or omit measures)"
+            )
+        return {m: _check_positive_int(f"every[{m!r}]", every[m]) for m in MEASURES if m in every}
+    period = _check_positive_int("every", every)
+    chosen = DEFAULT_MEASURES if measures is None else measures
+    unknown = [m for m in chosen if m not in MEASURES]
+    if unknown or not chosen:
+        raise InputError(f"measures must be a non-empty list from {MEASURES}, got {list(chosen)!r}")
+    return {m: period for m in MEASURES if m in chosen}
+
+
+def _process_group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
 class Monitor:
     """Curvature, alignment and stability of a model along a training loop the user writes.
 
     Args:
         model: the model being trained (its device and dtype are used; it is only read).
         data: the training set as an (inputs, targets) pair, or a loader of (inputs, targets)
-            batches that does not shuffle; the measurement set is drawn from it once.
+            batches that does not shuffle; the measurement set is drawn from it once. Under
+            torchrun every rank passes the same global data.
         loss: "mse" (SPEC.md section 1: (1/2n) sum ||f - y||^2) or "cross_entropy" (curvature only).
-        every: measure when ``step % every == 0``.
+        every: measure when ``step % every == 0``; or a period per measure,
+            ``{"lambda_max": 100, "frobenius": 500, "mu": 1000}`` (its keys are then the measures).
         lr: eta on that loss; needed for ``two_over_lr``, ``frobenius_bound`` and "stability".
             Can change at every ``step`` call (schedules).
         batch_size, sampling: B and the sampling of the training loop ("without_replacement" for
@@ -316,13 +368,17 @@ class Monitor:
         sinks: more sinks (``TensorBoardSink``, ``JsonlSink``, callables taking a row).
         n_measure: size of the measurement set (see ``measurement_subset``).
         seed: the measurement set and every estimator's probes.
-        num_probes: Rademacher probes for ||H||_F and tr H, and for each sum of the stochastic mu.
+        num_probes: Rademacher probes for ||H||_F and tr H (one shared block), and for each of the
+            two sums of the stochastic mu.
+        sketch_size: NTK directions the stochastic mu deflates exactly (2 * sketch_size K-products).
         tol: relative residual at which Lanczos stops.
         warm_start: start Lanczos from the previous top eigenvector. A new top eigenvalue that
             crosses the old one is found only as fast as the Krylov space reaches its direction.
         chunk_size: samples per forward pass of the measurement.
         num_samples: n of the training set, for p_B, when ``data`` holds only the samples to
             measure on (default: the size of ``data``).
+        group: the torch.distributed process group to measure with (default: the world when one
+            is initialised with more than one process; see the module docstring).
     """
 
     def __init__(
@@ -331,20 +387,22 @@ class Monitor:
         data: tuple[Tensor, Tensor] | Iterable,
         *,
         loss: str = "mse",
-        every: int = 100,
+        every: int | Mapping[str, int] = 100,
         lr: float | None = None,
         batch_size: int | None = None,
         sampling: str = "without_replacement",
         out: str | Path | None = None,
-        measures: Sequence[str] = DEFAULT_MEASURES,
+        measures: Sequence[str] | None = None,
         sinks: Sequence[Sink | Callable[[Row], Any]] = (),
         n_measure: int | None = None,
         seed: int = 0,
-        num_probes: int = 20,
+        num_probes: int = 10,
+        sketch_size: int = 10,
         tol: float = 1e-3,
         warm_start: bool = True,
         chunk_size: int = 1024,
         num_samples: int | None = None,
+        group: dist.ProcessGroup | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -352,12 +410,24 @@ class Monitor:
             raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
         if sampling not in SAMPLINGS:
             raise InputError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if isinstance(measures, str):
-            measures = [measures]
-        unknown = [m for m in measures if m not in MEASURES]
-        if unknown or not measures:
-            raise InputError(f"measures must be a non-empty list from {MEASURES}, got {list(measures)!r}")
-        square_only = [m for m in measures if m in ("mu", "stability")]
+        self.schedule = _schedule(every, measures)
+        self.group = group
+        self.sharded = _process_group_size(group) > 1
+        if self.sharded and "stability" in self.schedule:
+            del self.schedule["stability"]
+            if not self.schedule:
+                raise InputError(
+                    "'stability' needs every sample in one process and is not measured under torchrun; "
+                    "choose other measures or run in a single process"
+                )
+            if is_main_process(group):
+                warnings.warn(
+                    "'stability' (eta*, growth factor) needs every sample in one process: skipped under "
+                    "torchrun; measure it in a single process",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        square_only = [m for m in self.schedule if m in ("mu", "stability")]
         if square_only and loss != "mse":
             raise InputError(
                 f"{square_only} are defined for square loss (SPEC.md sections 2-3); with loss={loss!r} "
@@ -367,15 +437,18 @@ class Monitor:
             raise InputError(f"tol must be a relative tolerance in (0, 1), got {tol!r}")
         self.model = model
         self.loss = loss
-        self.every = _check_positive_int("every", every)
+        self.every = every if isinstance(every, int) else dict(self.schedule)
         self.lr = _check_lr(lr)
         self.batch_size = None if batch_size is None else _check_positive_int("batch_size", batch_size)
         self.sampling = sampling
-        self.measures = tuple(m for m in MEASURES if m in measures)
+        self.measures = tuple(self.schedule)
         self.seed = int(seed)
         self.num_probes = _check_positive_int("num_probes", num_probes)
         if "mu" in self.measures and self.num_probes < 2:
             raise InputError(f"num_probes must be at least 2 to give mu a standard error, got {num_probes}")
+        if isinstance(sketch_size, bool) or not isinstance(sketch_size, int) or sketch_size < 0:
+            raise InputError(f"sketch_size must be an integer >= 0, got {sketch_size!r}")
+        self.sketch_size = sketch_size
         self.tol = float(tol)
         self.warm_start = bool(warm_start)
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)
@@ -384,13 +457,16 @@ class Monitor:
         self.history: list[Row] = []
         self.total_time_s = 0.0
         self._top_vector: Tensor | None = None
+        self._problem: Problem | None = None
+        self._problem_key: tuple[Any, ...] = ()
         self._check_affordable()
         # Build the problem once now, so a model/target mismatch is refused before training starts.
         with untouched_training_state(model):
             self.problem()
 
-        self.sinks = [_as_sink(s) for s in sinks]
-        if out is not None:
+        # Under torchrun the ranks measure together and rank 0 alone writes.
+        self.sinks = [_as_sink(s) for s in sinks] if is_main_process(group) else []
+        if out is not None and is_main_process(group):
             jsonl = JsonlSink(out)
             jsonl.write_config(self.config())
             self.sinks.insert(0, jsonl)
@@ -427,22 +503,55 @@ class Monitor:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "num_probes": self.num_probes,
+            "sketch_size": self.sketch_size,
             "tol": self.tol,
             "warm_start": self.warm_start,
+            "world_size": _process_group_size(self.group),
         }
 
     def problem(self) -> Problem:
-        """The measurement set as a Problem at the model's current parameters (model in eval mode)."""
-        return Problem(self.model, self.inputs, self.targets, loss=self.loss, chunk_size=self.chunk_size)
+        """The measurement set as a Problem at the model's current parameters (model in eval mode).
+
+        Built once and reused: it reads the parameters at each evaluation. It is rebuilt only when
+        the model's parameter or buffer tensors were replaced (``model.to(...)``, loading a state
+        dict by assignment); under torchrun it is this rank's ``ShardedProblem``.
+        """
+        key = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in self._model_tensors())
+        if self._problem is None or key != self._problem_key:
+            if self.sharded:
+                self._problem = ShardedProblem.from_global(
+                    self.model,
+                    self.inputs,
+                    self.targets,
+                    loss=self.loss,
+                    chunk_size=self.chunk_size,
+                    group=self.group,
+                )
+            else:
+                self._problem = Problem(
+                    self.model, self.inputs, self.targets, loss=self.loss, chunk_size=self.chunk_size
+                )
+            self._problem_key = key
+        return self._problem
+
+    def _model_tensors(self) -> Iterable[Tensor]:
+        yield from self.model.parameters()
+        yield from self.model.buffers()
 
     # ------------------------------------------------------------------------------ loop API
+    def due(self, step: int) -> tuple[str, ...]:
+        """The measures scheduled at ``step``."""
+        return tuple(m for m, period in self.schedule.items() if step % period == 0)
+
     def step(
         self, step: int, *, lr: float | None = None, batch_size: int | None = None, force: bool = False
     ) -> Row | None:
-        """Measure if ``step`` is on the schedule (or ``force``); return the row written, else None.
+        """Measure what is scheduled at ``step`` (everything with ``force``); return the row, else None.
 
         Call it after the optimizer step numbered ``step`` (and with 0 before training to measure
-        the start). ``lr`` and ``batch_size`` replace the current ones from now on.
+        the start). ``lr`` and ``batch_size`` replace the current ones from now on. Under
+        torchrun every rank calls it with the same arguments; every rank gets the row, rank 0
+        writes it.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be an integer >= 0 (the optimizer steps taken), got {step!r}")
@@ -450,10 +559,12 @@ class Monitor:
             self.lr = _check_lr(lr)
         if batch_size is not None:
             self.batch_size = _check_positive_int("batch_size", batch_size)
-        if not force and step % self.every:
+        due = self.measures if force else self.due(step)
+        if not due:
             return None
         started = time.perf_counter()
-        row = {"step": step, **self.measure()}
+        with untouched_training_state(self.model):
+            row = {"step": step, **self._measure(self.problem(), due)}
         elapsed = time.perf_counter() - started
         self.total_time_s += elapsed
         row.update(monitor_time_s=elapsed, monitor_total_time_s=self.total_time_s)
@@ -480,34 +591,32 @@ class Monitor:
         else on the measurement set; the training state is left untouched either way.
         """
         with untouched_training_state(self.model):
-            return self._measure(self.problem() if problem is None else problem)
+            return self._measure(self.problem() if problem is None else problem, self.measures)
 
-    def _measure(self, problem: Problem) -> Row:
-        row: Row = {"measurement_loss": problem.loss()}
+    def _measure(self, problem: Problem, due: Sequence[str]) -> Row:
+        row: Row = {}
         if self.lr is not None:
             row["lr"] = self.lr
             row["two_over_lr"] = 2 / self.lr
         if self.batch_size is not None:
             row["batch_size"] = float(self.batch_size)
-        op = hessian(problem)
-        top_value, top_vector = None, None
-        if "lambda_max" in self.measures:
-            init = self._top_vector if self.warm_start and self._top_vector is not None else None
-            if init is not None and init.shape != (op.size,):
-                init = None
-            top = top_eigenvalues(op, k=1, tol=self.tol, seed=self.seed, init=init)
-            top_value, top_vector = float(top.values[0]), top.vectors[:, 0]
-            self._top_vector = top_vector.detach().clone()
-            row.update(lambda_max=top_value, lambda_max_matvecs=float(top.num_matvecs))
-        if "frobenius" in self.measures or "trace" in self.measures:
-            row.update(self._hutchinson(op, top_value, top_vector))
-        row["hessian_matvecs"] = float(op.num_matvecs)
-        if "mu" in self.measures:
-            aligned = alignment(problem, method="stochastic", num_probes=self.num_probes, seed=self.seed)
-            row.update(mu=aligned.mu, mu_stderr=aligned.stderr)
+        if "lambda_max" in due or any(m in due for m in _HUTCHINSON_MEASURES):
+            row.update(self._curvature(problem, due))
+        if "mu" in due:
+            aligned = alignment(
+                problem,
+                method="stochastic",
+                num_probes=self.num_probes,
+                sketch_size=self.sketch_size,
+                seed=self.seed,
+            )
+            # The alignment's own forward pass gives the loss: no separate one.
+            row.update(measurement_loss=aligned.loss, mu=aligned.mu, mu_stderr=aligned.stderr)
             if self.lr is not None and self.batch_size is not None:
                 row["frobenius_bound"] = self._frobenius_bound(aligned.mu)
-        if "stability" in self.measures:
+        else:
+            row["measurement_loss"] = problem.loss()
+        if "stability" in due:
             assert self.lr is not None and self.batch_size is not None  # checked in __init__
             if self.batch_size > problem.num_samples:
                 raise InputError(
@@ -526,6 +635,31 @@ class Monitor:
             )
         return row
 
+    def _curvature(self, problem: Problem, due: Sequence[str]) -> Row:
+        """lambda_max and the due Hutchinson measures on one Hessian operator.
+
+        Its gradient graph is built once (``cache_graph``) and serves every product of this measurement.
+        """
+        op = hessian(problem, cache_graph=True)
+        row: Row = {}
+        top_value, top_vector = None, None
+        if "lambda_max" in due:
+            init = self._top_vector if self.warm_start and self._top_vector is not None else None
+            if init is not None and init.shape != (op.size,):
+                init = None
+            top = top_eigenvalues(op, k=1, tol=self.tol, seed=self.seed, init=init)
+            top_value, top_vector = float(top.values[0]), top.vectors[:, 0]
+            self._top_vector = top_vector.detach().clone()
+            row.update(lambda_max=top_value, lambda_max_matvecs=float(top.num_matvecs))
+        elif self._top_vector is not None and self._top_vector.shape == (op.size,):
+            # Deflating any unit v is unbiased with theta = v^T H v: one product for the old top vector.
+            top_vector = self._top_vector / self._top_vector.norm()
+            top_value = float(top_vector @ (op @ top_vector[:, None])[:, 0])
+        if any(m in due for m in _HUTCHINSON_MEASURES):
+            row.update(self._hutchinson(op, top_value, top_vector, due))
+        row["hessian_matvecs"] = float(op.num_matvecs)
+        return row
+
     def _frobenius_bound(self, mu: float) -> float:
         """1/(eta sqrt(p_B mu)): sqrt(B/mu)/eta with replacement (Wu, Wang & Su 2022, SPEC.md section 3)."""
         assert self.lr is not None and self.batch_size is not None
@@ -538,7 +672,9 @@ class Monitor:
             return math.inf if noise == 0 else math.nan
         return 1 / (self.lr * math.sqrt(noise))
 
-    def _hutchinson(self, op: Any, top_value: float | None, top_vector: Tensor | None) -> Row:
+    def _hutchinson(
+        self, op: Any, top_value: float | None, top_vector: Tensor | None, due: Sequence[str]
+    ) -> Row:
         """Tr H and ||H||_F from one block of Rademacher probes, the top Ritz pair deflated (module docstring)."""
         generator = make_generator(op, self.seed + 1, None)
         probes = rademacher(op, self.num_probes, generator)
@@ -549,10 +685,10 @@ class Monitor:
             images = images - top_value * unit[:, None] * (unit @ probes)[None, :]
             trace_offset, squared_offset = top_value, top_value**2
         row: Row = {}
-        if "trace" in self.measures:
+        if "trace" in due:
             mean, stderr = mean_and_stderr((probes * images).sum(dim=0))
             row.update(hessian_trace=trace_offset + mean, hessian_trace_stderr=stderr)
-        if "frobenius" in self.measures:
+        if "frobenius" in due:
             mean, stderr = mean_and_stderr(images.pow(2).sum(dim=0))
             squared = squared_offset + mean
             value = math.sqrt(max(squared, 0.0))

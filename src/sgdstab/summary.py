@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sgdstab.alignment import METHODS as ALIGNMENT_METHODS
 from sgdstab.alignment import alignment as alignment_factor
+from sgdstab.errors import InputError
 from sgdstab.estimators import frobenius_norm, spectral_density, top_eigenvalues, trace
 from sgdstab.operators import ProblemOperator, gauss_newton, hessian
 from sgdstab.problem import Problem
@@ -83,9 +84,9 @@ def curvature_summary(
     the alignment factor mu of Wu, Wang & Su (2022) by ``sgdstab.alignment.alignment``.
     """
     if operator not in OPERATORS:
-        raise ValueError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
+        raise InputError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
     if alignment is not None and alignment not in ALIGNMENT_METHODS:
-        raise ValueError(f"alignment must be one of {ALIGNMENT_METHODS} or None, got {alignment!r}")
+        raise InputError(f"alignment must be one of {ALIGNMENT_METHODS} or None, got {alignment!r}")
     op = OPERATORS[operator](problem, theta)
     top = top_eigenvalues(op, k=min(top_k, op.size), tol=tol, seed=seed)
     tr = trace(op, num_probes=num_probes, seed=seed)

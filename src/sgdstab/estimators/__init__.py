@@ -1,5 +1,5 @@
 """Estimators over any symmetric ``LinearOperator``: extreme eigenpairs (Lanczos, power
-iteration), trace (Hutchinson, Hutch++), Frobenius norm (Hutchinson), spectral density
+iteration), trace (Hutchinson, Hutch++, XTrace), Frobenius norm (Hutchinson), spectral density
 (stochastic Lanczos quadrature), and their exact dense counterparts for small operators.
 
 Each returns a frozen result carrying its error estimate and ``num_matvecs``, the number of
@@ -12,6 +12,7 @@ from sgdstab.estimators.dense import (
     exact_spectral_density,
     exact_trace,
 )
+from sgdstab.estimators.epperly2024xtrace import xtrace, xtrace_to_error
 from sgdstab.estimators.hutchinson import frobenius_norm, trace
 from sgdstab.estimators.lanczos import LanczosProcess, top_eigenvalues
 from sgdstab.estimators.meyer2020hutchpp import hutchpp_trace
@@ -35,4 +36,6 @@ __all__ = [
     "spectral_density",
     "top_eigenvalues",
     "trace",
+    "xtrace",
+    "xtrace_to_error",
 ]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from sgdstab._checks import check_choice, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.operators import LinearOperator
 
 WHICH = ("largest", "smallest", "both")
@@ -17,7 +18,7 @@ def check_num_eigenvalues(op: LinearOperator, k: int, which: str) -> None:
     k = check_positive_int("k", k)
     needed = 2 * k if which == "both" else k
     if needed > op.size:
-        raise ValueError(
+        raise InputError(
             f"which={which!r} with k={k} asks for {needed} eigenvalues of an operator of size "
             f"{op.size}; use k <= {op.size // 2 if which == 'both' else op.size}"
         )

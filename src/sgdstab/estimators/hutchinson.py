@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import make_generator, rademacher
+from sgdstab.estimators.epperly2024xtrace import xtrace_to_error
 from sgdstab.estimators.results import FrobeniusResult, TraceResult
 from sgdstab.operators import LinearOperator
 
@@ -94,13 +96,22 @@ def trace(
     block_size: int = 32,
     max_probes: int = 10_000,
     generator: torch.Generator | None = None,
+    target_rel_error: float | None = None,
 ) -> TraceResult:
     """Hutchinson's estimate of tr A: the mean of z^T A z over Rademacher probes z.
 
     With ``target_rel_stderr``, probes beyond ``num_probes`` are added ``block_size`` at a time
     until ``stderr <= target_rel_stderr * |value|`` or ``max_probes`` have been used. Exact (zero
     variance) for diagonal A.
+
+    With ``target_rel_error`` instead, the estimate is XTrace's (``xtrace_to_error``: Epperly,
+    Tropp and Webber 2024), grown until its own error estimate, returned as ``stderr``, is at most
+    that fraction of |value|; far fewer products on the decaying spectra of Hessians.
     """
+    if target_rel_error is not None:
+        if target_rel_stderr is not None:
+            raise InputError("give target_rel_error (XTrace) or target_rel_stderr (Hutchinson), not both")
+        return xtrace_to_error(op, target_rel_error, seed=seed, generator=generator)
     samples, num_matvecs = _sample_probes(
         op,
         lambda probes, images: (probes * images).sum(dim=0),

@@ -6,18 +6,22 @@ space ``span{q, Aq, ..., A^(m-1) q}`` in which a symmetric ``A`` is tridiagonal,
 of ``A`` far faster than power iteration, which keeps only the last Krylov vector (Kaniel-Paige-
 Saad bounds; Saad, Numerical Methods for Large Eigenvalue Problems, SIAM 2011, ch. 6). In floating
 point the basis loses orthogonality as Ritz values converge (Paige 1971), which breeds spurious
-copies of them; reorthogonalising every new vector against the whole basis, twice ("twice is
-enough": Giraud, Langou and Rozloznik, Comput. Math. Appl. 2005), keeps it orthonormal to working
-precision for O(m d) flops per step, cheap next to one Hessian-vector product.
+copies of them; reorthogonalising every new vector against the whole basis keeps it orthonormal
+to working precision for O(m d) flops per step: one pass after the three-term recurrence, and a
+second only when the first removed much (Daniel, Gragg, Kaufman and Stewart, Math. Comp. 1976;
+"twice is enough": Giraud, Langou and Rozloznik, Comput. Math. Appl. 2005).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import check_num_eigenvalues, gaussian, make_generator, select_extremal
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
@@ -30,15 +34,12 @@ _INITIAL_CAPACITY = 16
 
 def _project_out(basis: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     """Remove from each run's vector (row of ``vectors``, (b, d)) its part in that run's basis
-    (``basis``, (b, m, d)) by classical Gram-Schmidt applied twice; returns the rest and the
-    (b, m) coefficients removed.
+    (``basis``, (b, m, d)) by one pass of classical Gram-Schmidt; returns the rest and the (b, m)
+    coefficients removed.
     """
-    removed = vectors.new_zeros(basis.shape[:2])
-    for _ in range(2):
-        coefficients = torch.bmm(basis, vectors.unsqueeze(2)).squeeze(2)
-        vectors = vectors - torch.bmm(coefficients.unsqueeze(1), basis).squeeze(1)
-        removed = removed + coefficients
-    return vectors, removed
+    coefficients = torch.bmm(basis, vectors.unsqueeze(2)).squeeze(2)
+    rest = torch.baddbmm(vectors.unsqueeze(1), coefficients.unsqueeze(1), basis, alpha=-1)
+    return rest.squeeze(1), coefficients
 
 
 class LanczosProcess:
@@ -71,9 +72,25 @@ class LanczosProcess:
         """Apply the operator once to every run's newest basis vector and extend ``T``."""
         if self.num_steps == self._op.size:
             raise RuntimeError(f"the Krylov basis already spans all {self._op.size} dimensions")
-        product = (self._op @ self._basis[:, self._size - 1].T).T
-        residual, removed = _project_out(self._basis[:, : self._size], product)
-        alpha = removed[:, -1].to("cpu", torch.float64)
+        latest = self._basis[:, self._size - 1]
+        product = (self._op @ latest.T).T
+        # The three-term recurrence first, on two vectors; then one pass against the whole basis
+        # removes what rounding left, and a second runs only if that pass removed much (the DGKS
+        # criterion: Daniel, Gragg, Kaufman and Stewart, Math. Comp. 1976). Each full pass reads
+        # the whole basis twice, which on a large model costs as much as the product itself. The
+        # updates are fused and in place: each fresh d-vector costs page faults comparable to its
+        # arithmetic (measured on an 820k-vector: 24 -> 18 ms per step beside the product).
+        local_alpha = torch.bmm(latest.unsqueeze(1), product.unsqueeze(2)).reshape(-1)
+        residual = torch.addcmul(product, local_alpha[:, None], latest, value=-1)
+        if self._betas:
+            previous_beta = self._betas[-1].to(residual)
+            residual.addcmul_(previous_beta[:, None], self._basis[:, self._size - 2], value=-1)
+        before = residual.norm(dim=1)
+        residual, removed = _project_out(self._basis[:, : self._size], residual)
+        if bool((residual.norm(dim=1) < before / math.sqrt(2)).any()):
+            residual, removed_again = _project_out(self._basis[:, : self._size], residual)
+            removed = removed + removed_again
+        alpha = (local_alpha + removed[:, -1]).to("cpu", torch.float64)
         beta = residual.norm(dim=1).to("cpu", torch.float64)
         self._scale = torch.maximum(self._scale, alpha.abs() + beta)
         self._alphas.append(alpha)
@@ -81,7 +98,7 @@ class LanczosProcess:
             invariant = beta <= _BREAKDOWN_EPSILONS * torch.finfo(self._op.dtype).eps * self._scale
             beta[invariant] = 0
             divisor = torch.where(invariant, 1.0, beta).to(residual)
-            next_vectors = residual / divisor[:, None]
+            next_vectors = residual.div_(divisor[:, None])
             if invariant.any():
                 next_vectors[invariant.to(residual.device)] = self._fresh_directions(invariant)
             self._append(next_vectors)
@@ -104,7 +121,9 @@ class LanczosProcess:
     def _fresh_directions(self, runs: Tensor) -> Tensor:
         runs = runs.to(self._basis.device)
         draws = gaussian(self._op, int(runs.sum()), self._generator).T
-        directions, _ = _project_out(self._basis[runs, : self._size], draws)
+        for _ in range(2):  # twice is enough for a random draw
+            draws, _ = _project_out(self._basis[runs, : self._size], draws)
+        directions = draws
         return directions / directions.norm(dim=1, keepdim=True)
 
     def _append(self, vectors: Tensor) -> None:
@@ -163,7 +182,7 @@ def top_eigenvalues(
     wanted = 2 * k if which == "both" else k
     max_iter = max(300, 10 * k) if max_iter is None else check_positive_int("max_iter", max_iter)
     if max_iter < wanted:
-        raise ValueError(f"max_iter={max_iter} is below the {wanted} eigenvalues asked for")
+        raise InputError(f"max_iter={max_iter} is below the {wanted} eigenvalues asked for")
     max_iter = min(max_iter, op.size)
 
     generator = make_generator(op, seed, generator)
@@ -171,7 +190,7 @@ def top_eigenvalues(
     if init is None:
         start = gaussian(op, 1, generator)
     elif init.shape != (op.size,) or not bool(torch.isfinite(init).all()) or not bool(init.any()):
-        raise ValueError(
+        raise InputError(
             f"init must be a finite, nonzero vector of length {op.size}, got shape {tuple(init.shape)}"
         )
     else:

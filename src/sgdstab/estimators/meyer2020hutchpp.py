@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sgdstab._checks import check_positive_int
+from sgdstab.errors import InputError
 from sgdstab.estimators._common import apply_in_blocks, make_generator, rademacher
 from sgdstab.estimators.hutchinson import mean_and_stderr
 from sgdstab.estimators.results import TraceResult
@@ -49,7 +50,7 @@ def hutchpp_trace(
     check_positive_int("num_matvecs", num_matvecs)
     check_positive_int("block_size", block_size)
     if num_matvecs < 3:
-        raise ValueError(
+        raise InputError(
             f"hutchpp_trace needs num_matvecs >= 3 (sketch, its image, probes), got {num_matvecs}"
         )
     generator = make_generator(op, seed, generator)

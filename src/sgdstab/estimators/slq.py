@@ -122,12 +122,11 @@ def smoothed_density(
     points = grid.to("cpu", torch.float64)
     standardized = (points[:, None] - nodes[None, :]) / sigma
     density = torch.exp(-0.5 * standardized**2) @ weights / (sigma * math.sqrt(2 * math.pi))
-    like_op = {"dtype": op.dtype, "device": op.device}
     return DensityResult(
-        grid=points.to(**like_op),
-        density=density.to(**like_op),
-        nodes=nodes.to(**like_op),
-        weights=weights.to(**like_op),
+        grid=points.to(dtype=op.dtype, device=op.device),
+        density=density.to(dtype=op.dtype, device=op.device),
+        nodes=nodes.to(dtype=op.dtype, device=op.device),
+        weights=weights.to(dtype=op.dtype, device=op.device),
         sigma=sigma,
         num_matvecs=num_matvecs,
     )

@@ -91,7 +91,20 @@ def configure(
                 raise InputError(f"no chosen experiment has a setting {key!r}")
             for name in touched:
                 configs[name] = override(configs[name], key, value)
+    for name, config in configs.items():
+        _check_config(name, config)
     return configs
+
+
+def _check_config(name: str, config: Any) -> None:
+    """InputError, before any work, for a grid left empty or a recipe's own ``validate`` refusal."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, tuple) and not value:
+            raise InputError(f"{name}.{item.name} is empty: the experiment needs at least one value")
+    validate = getattr(EXPERIMENTS[name], "validate", None)
+    if validate is not None:
+        validate(config)
 
 
 def smoke_configs() -> dict[str, Any]:

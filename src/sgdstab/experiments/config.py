@@ -103,8 +103,9 @@ def _parse(value: str) -> Any:
 def _like(current: Any, parsed: Any, key: str) -> Any:
     """Coerce a parsed JSON value to the kind of the field's current value, refusing a mismatch."""
     if dataclasses.is_dataclass(current) and isinstance(parsed, dict):
+        cls: Any = type(current)
         try:
-            return type(current)(**parsed)
+            return cls(**parsed)
         except TypeError as err:
             raise InputError(f"{key}: {err}") from None
     if isinstance(current, tuple) and isinstance(parsed, list):

@@ -18,10 +18,11 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sgdstab.errors import InputError
 from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import (
     DataConfig,
@@ -92,6 +93,14 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+
+
+def validate(config: Config) -> None:
+    """InputError for settings the escape analysis cannot use (rows #33, #34 of the reliability review)."""
+    if config.repeats < 2:
+        raise InputError(
+            f"E4.repeats must be >= 2, got {config.repeats}: the escape rate's error bar is the spread over runs"
+        )
 
 
 def default_config(scale: str) -> Config:
@@ -202,6 +211,8 @@ def _sharp_minimum(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
     if result.status != "converged":
         return final
     curvature = curvature_summary(problem, **config.measure.kwargs())
+    if curvature.mu is None or curvature.gn_frobenius is None:
+        raise InputError("E4 needs the alignment factor mu: set E4.measure.alignment to exact or stochastic")
     noise = batch_noise_factor(problem.num_samples, config.batch_size, config.sampling)
     # eta with eta^2 p_B mu ||H||_F^2 = escape_factor, from the exact ||G||_F (= ||H||_F at an interpolating minimum).
     sgd_lr = config.sgd_lr or escape_learning_rate(
@@ -315,7 +326,7 @@ def escape_rate(
 
 
 def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
-    analysis = {
+    analysis: dict[str, Any] = {
         "experiment": NAME,
         "title": TITLE,
         "claim": CLAIM,

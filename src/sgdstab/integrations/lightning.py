@@ -5,12 +5,14 @@ callback reads eta from the trainer's first optimizer (its first parameter group
 training dataloader at every measurement, so learning-rate schedules are followed, measures at the
 start of training and every ``every`` optimizer steps (``trainer.global_step``), and logs each row
 through every logger of the trainer as ``sgdstab/<name>`` (with TensorBoard, the paired charts of
-``sgdstab.monitor.PAIRED_CURVES`` appear in the Custom Scalars tab). Only global rank 0 measures and logs.
+``sgdstab.monitor.PAIRED_CURVES`` appear in the Custom Scalars tab). Under DDP every rank measures
+its shard of the measurement set (as the ``Monitor`` does under torchrun), B is the global batch
+(the dataloader's batch size times the number of processes), and only global rank 0 logs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,6 @@ from torch.utils.data import DataLoader, RandomSampler
 from sgdstab.errors import InputError
 from sgdstab.monitor import (
     DEFAULT_MAX_MEASURE_SAMPLES,
-    DEFAULT_MEASURES,
     Monitor,
     Row,
     Sink,
@@ -78,11 +79,11 @@ class StabilityCallback(pl.Callback):
             seeded subset of the training dataloader's dataset (``n_measure`` samples, or all of
             them up to ``DEFAULT_MAX_MEASURE_SAMPLES``).
         loss: the Problem loss the module minimises ("mse": (1/2n) sum ||f - y||^2, or "cross_entropy").
-        every: optimizer steps between measurements.
+        every: optimizer steps between measurements, or a period per measure (as for ``sgdstab.Monitor``).
         lr_scale: eta on that loss is the optimizer's lr times this (2/C for ``nn.MSELoss()``).
         sampling: "with_replacement" or "without_replacement"; default from the training sampler.
         out: a run folder for ``metrics.jsonl`` as well.
-        measures, n_measure, seed, num_probes, tol: as for ``sgdstab.Monitor``.
+        measures, n_measure, seed, num_probes, sketch_size, tol: as for ``sgdstab.Monitor``.
         sinks: further sinks (callables taking a row, ``TensorBoardSink``...).
     """
 
@@ -91,15 +92,16 @@ class StabilityCallback(pl.Callback):
         data: tuple[Tensor, Tensor] | Iterable | None = None,
         *,
         loss: str = "mse",
-        every: int = 100,
+        every: int | Mapping[str, int] = 100,
         lr_scale: float = 1.0,
         sampling: str | None = None,
         out: str | Path | None = None,
-        measures: Sequence[str] = DEFAULT_MEASURES,
+        measures: Sequence[str] | None = None,
         sinks: Sequence[Sink | Callable[[Row], Any]] = (),
         n_measure: int | None = None,
         seed: int = 0,
-        num_probes: int = 20,
+        num_probes: int = 10,
+        sketch_size: int = 10,
         tol: float = 1e-3,
     ):
         if not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
@@ -115,6 +117,7 @@ class StabilityCallback(pl.Callback):
             n_measure=n_measure,
             seed=seed,
             num_probes=num_probes,
+            sketch_size=sketch_size,
             tol=tol,
         )
         self.extra_sinks = list(sinks)
@@ -133,11 +136,10 @@ class StabilityCallback(pl.Callback):
             raise InputError(
                 "the training dataloader has no batch_size: StabilityCallback needs a DataLoader with one"
             )
-        return float(lr), int(batch_size)
+        # Data-parallel ranks each draw a batch of this size: SGD steps with their union.
+        return float(lr), int(batch_size) * trainer.world_size
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
             raise InputError("StabilityCallback needs a single torch DataLoader for training")

@@ -13,7 +13,7 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from sgdstab.errors import ResourceLimitError
+from sgdstab.errors import InputError, ResourceLimitError
 
 if TYPE_CHECKING:
     from sgdstab.problem import Problem
@@ -62,7 +62,7 @@ class LinearOperator:
         if not isinstance(v, Tensor):
             raise TypeError(f"{type(self).__name__} @ v needs a torch.Tensor, got {type(v).__name__}")
         if v.ndim not in (1, 2) or v.shape[0] != self.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} has shape {self.shape}; it applies to a vector of length "
                 f"{self.shape[1]} or a matrix with {self.shape[1]} rows, got shape {tuple(v.shape)}"
             )
@@ -121,7 +121,7 @@ class DenseOperator(LinearOperator):
 
     def __init__(self, matrix: Tensor):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}")
+            raise InputError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}")
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
 

@@ -17,8 +17,9 @@ from sgdstab.problem import Problem
 from sgdstab.sample_space import (
     DEFAULT_MAX_GRAM_ENTRIES,
     DEFAULT_MAX_JACOBIAN_ENTRIES,
-    gram_matrix,
-    gram_spectrum,
+    GramSpectrum,
+    build_gram_spectrum,
+    check_spectrum_matches,
 )
 from sgdstab.stability.criteria import all_thresholds
 from sgdstab.stability.second_moment import SecondMomentMap
@@ -74,6 +75,7 @@ def stability(
     rank_rtol: float | None = None,
     max_jacobian_entries: int = DEFAULT_MAX_JACOBIAN_ENTRIES,
     max_gram_entries: int = DEFAULT_MAX_GRAM_ENTRIES,
+    spectrum: GramSpectrum | None = None,
 ) -> StabilityResult:
     """Is ``theta`` a linearly stable minimum for SGD(lr, batch_size, sampling)? (SPEC.md section 3).
 
@@ -95,13 +97,20 @@ def stability(
     Cost: K (``sample_space.gram_matrix``; refused when nC x nC exceeds ``max_gram_entries``),
     two (nC)^3 eigendecompositions, and Lanczos on r x r matrices at O(nC r^2) per application
     for the exact threshold and the growth factor. ``rank_rtol``: see ``gram_spectrum``.
+
+    ``spectrum``: K's spectrum at ``theta`` from ``sample_space.build_gram_spectrum``, when the
+    caller already has it (another lr or batch size at the same point, ``alignment``,
+    ``simulate_linearized_sgd``): K is then not rebuilt, and ``rank_rtol`` and the two budgets are
+    not used. Only its shape is checked against the problem.
     """
     problem.require_square_loss("linear stability of SGD")
     lr, batch_size = check_sgd_arguments(problem.num_samples, lr, batch_size, sampling)
     theta = (problem.parameters() if theta is None else theta).detach()
     problem.check_finite(theta)
-    gram = gram_matrix(problem, theta, max_jacobian_entries, max_gram_entries)
-    spectrum = gram_spectrum(gram, problem.num_outputs, rank_rtol)
+    if spectrum is None:
+        spectrum = build_gram_spectrum(problem, theta, rank_rtol, max_jacobian_entries, max_gram_entries)
+    else:
+        check_spectrum_matches(spectrum, problem)
     moment = SecondMomentMap(spectrum, batch_noise_factor(problem.num_samples, batch_size, sampling))
     n, p_b = problem.num_samples, moment.batch_noise
 

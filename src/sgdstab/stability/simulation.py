@@ -16,8 +16,10 @@ from sgdstab.problem import Problem
 from sgdstab.sample_space import (
     DEFAULT_MAX_GRAM_ENTRIES,
     DEFAULT_MAX_JACOBIAN_ENTRIES,
+    GramSpectrum,
+    build_gram_spectrum,
+    check_spectrum_matches,
     gram_matrix,
-    gram_spectrum,
 )
 from sgdstab.stability.sgd import check_sgd_arguments
 
@@ -67,6 +69,7 @@ def simulate_linearized_sgd(
     theta: Tensor | None = None,
     max_jacobian_entries: int = DEFAULT_MAX_JACOBIAN_ENTRIES,
     max_gram_entries: int = DEFAULT_MAX_GRAM_ENTRIES,
+    spectrum: GramSpectrum | None = None,
 ) -> SimulationResult:
     """Run ``num_chains`` independent chains of linearised SGD at ``theta`` (SPEC.md section 3), batched.
 
@@ -79,6 +82,9 @@ def simulate_linearized_sgd(
         i.e. u_0 ~ N(0, K); a tensor of shape (nC,) or (num_chains, nC) gives u_0 itself (a
         parameter-space delta_0 maps to it by ``operators.ntk(problem).jacobian``).
 
+    spectrum: K's spectrum at ``theta`` (``sample_space.build_gram_spectrum``), e.g. the one a
+        ``stability`` call at the same point used; K is then not rebuilt. Only its shape is checked.
+
     Non-finite data or parameters raise ``DataError`` first (``Problem.check_finite``).
     """
     problem.require_square_loss("linearised SGD")
@@ -89,7 +95,18 @@ def simulate_linearized_sgd(
         raise InputError(f"need num_steps >= 1 and num_chains >= 2, got {num_steps} and {num_chains}")
     theta = (problem.parameters() if theta is None else theta).detach()
     problem.check_finite(theta)
-    gram = gram_matrix(problem, theta, max_jacobian_entries, max_gram_entries)
+    if not isinstance(init, Tensor) and init != "gaussian":
+        raise InputError(f'init must be "gaussian" or a tensor of residuals, got {init!r}')
+    if spectrum is not None:
+        check_spectrum_matches(spectrum, problem)
+        gram = spectrum.gram
+    elif isinstance(init, Tensor):  # no spectrum needed: skip the eigendecomposition
+        gram = gram_matrix(problem, theta, max_jacobian_entries, max_gram_entries).to(torch.float64)
+    else:
+        spectrum = build_gram_spectrum(
+            problem, theta, max_jacobian_entries=max_jacobian_entries, max_gram_entries=max_gram_entries
+        )
+        gram = spectrum.gram
     generator = torch.Generator().manual_seed(seed)
     if isinstance(init, Tensor):
         if init.shape not in ((n * outputs,), (num_chains, n * outputs)):
@@ -99,15 +116,12 @@ def simulate_linearized_sgd(
         if not bool(torch.isfinite(init).all()):
             raise DataError("init holds NaN or inf: give finite starting residuals")
         residuals = init.to(device=gram.device, dtype=torch.float64).expand(num_chains, n * outputs).clone()
-    elif init == "gaussian":
-        spectrum = gram_spectrum(gram, outputs)
+    else:
+        assert spectrum is not None
         draws = torch.randn(num_chains, spectrum.rank, generator=generator, dtype=torch.float64).to(
             gram.device
         )
         residuals = (draws * spectrum.values.sqrt()) @ spectrum.vectors.T
-    else:
-        raise InputError(f'init must be "gaussian" or a tensor of residuals, got {init!r}')
-    gram = gram.to(torch.float64)
     losses = torch.empty(num_steps + 1, num_chains, dtype=torch.float64)
     losses[0] = residuals.pow(2).sum(dim=1).cpu() / (2 * n)
     for step in range(1, num_steps + 1):
