@@ -10,8 +10,10 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import pytest
 
 import sgdstab
 from sgdstab.experiments.config import MeasureConfig
-from sgdstab.io import read_json, read_jsonl
+from sgdstab.experiments.runs import ATTEMPTS_FILE
+from sgdstab.io import FolderLock, Held, lease, read_json, read_jsonl, release_held_locks
 from sgdstab.sweeps import (
     LocalExecutor,
     SubmititExecutor,
@@ -45,6 +48,11 @@ WALL_CLOCK = ("wall_time_s", "resumed_from")
 
 def tasks_in(root):
     return sweep_tasks(root, GRID, checkpoint_every=CHECKPOINT_EVERY, **FIXED)
+
+
+def attempts(task) -> list[dict]:
+    """One row per time a worker started (or resumed) the task's run."""
+    return read_jsonl(task.path / ATTEMPTS_FILE)
 
 
 def outcome(root) -> dict:
@@ -141,6 +149,12 @@ def test_sigkill_a_worker_mid_run_then_rerun_loses_and_repeats_nothing(reference
     assert sweeper.returncode != 0 and "did not finish" in stderr, stderr[-2000:]
     unfinished = [task for task in tasks_in(tmp_path) if not (task.path / "final.json").exists()]
     assert unfinished, "the killed sweep finished every run anyway"
+    # The killed worker's lease is still there, naming a process that is gone.
+    dead = [task for task in unfinished if (task.path / ".lock").exists()]
+    assert dead, "the killed worker left no lease behind"
+    for task in dead:
+        assert not Path(f"/proc/{read_json(task.path / '.lock')['pid']}").exists()
+        assert not lease(task.path).is_held()
 
     LocalExecutor(jobs=2).run([tasks_in(tmp_path)])
     # 0 lost, 0 duplicated: exactly one folder per grid point, each with one history of unique
@@ -152,6 +166,57 @@ def test_sigkill_a_worker_mid_run_then_rerun_loses_and_repeats_nothing(reference
         assert steps == sorted(set(steps))
     resumed = [read_json(task.path / "final.json")["train"]["resumed_from"] for task in unfinished]
     assert any(step > 0 for step in resumed), "no killed run resumed from its checkpoint"
+    # The dead holders' leases were taken over: their runs were started twice, and are free now.
+    assert all(len(attempts(task)) == 2 for task in dead)
+    assert not any((task.path / ".lock").exists() for task in tasks_in(tmp_path))
+
+
+_CONCURRENT_SWEEP = """
+import json, sys, time
+from pathlib import Path
+from sgdstab.sweeps import LocalExecutor, sweep_tasks
+root, grid, fixed, every, reverse, gate = json.loads(sys.argv[1])
+tasks = sweep_tasks(root, grid, checkpoint_every=every, **fixed)
+while not Path(gate).exists():
+    time.sleep(0.005)
+LocalExecutor(jobs=2, poll_s=0.05).run([tasks[::-1] if reverse else tasks])
+"""
+
+
+def test_two_sweeps_started_at_once_on_one_folder_train_every_run_once(reference, tmp_path):
+    source = str(Path(sgdstab.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": source, "OMP_NUM_THREADS": "1"}
+    gate = tmp_path / "go"
+    # Opposite orders: the sweeps meet in the middle of the grid, each finding runs the other holds.
+    sweeps = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CONCURRENT_SWEEP,
+                json.dumps([str(tmp_path), GRID, FIXED, CHECKPOINT_EVERY, reverse, str(gate)]),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for reverse in (False, True)
+    ]
+    try:
+        time.sleep(1.0)  # both import sgdstab and wait at the gate
+        gate.touch()
+        errors = [process.communicate(timeout=300)[1] for process in sweeps]
+    finally:
+        for process in sweeps:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [process.returncode for process in sweeps] == [0, 0], errors
+    tasks = tasks_in(tmp_path)
+    assert [len(attempts(task)) for task in tasks] == [1] * len(tasks), "a run was trained twice"
+    workers = {row["pid"] for task in tasks for row in attempts(task)}
+    assert len(workers) > 2, "one sweep trained every run: the two never ran at once"
+    assert outcome(tmp_path) == reference
 
 
 def test_submitit_local_cluster_equals_the_sequential_sweep(reference, tmp_path):
@@ -171,6 +236,62 @@ def test_a_later_stage_starts_after_the_earlier_stage_finished(tmp_path):
     continuation = TrainTask(str(tmp_path), "stages", "sgd", spec)
     (first,), (second,) = LocalExecutor(jobs=2).run([[gd], [continuation]])
     assert second["train"]["initial_loss"] == pytest.approx(first["train"]["final_loss"], rel=1e-6)
+
+
+def test_a_run_held_by_a_live_worker_is_waited_for_then_run_once(tmp_path):
+    (task,) = sweep_tasks(tmp_path, {"lr": [0.05]}, n=40, model_args={"width": 4}, max_steps=5)
+    holder = lease(task.path)
+    assert holder.try_acquire()
+    outcome = task()
+    assert isinstance(outcome, Held) and outcome.holder["pid"] == os.getpid()
+    assert not (task.path / "final.json").exists() and not (task.path / ATTEMPTS_FILE).exists()
+    threading.Timer(0.3, holder.release).start()
+    started = time.monotonic()
+    (record,) = LocalExecutor(jobs=1, poll_s=0.02).run([[task]])[0]
+    assert time.monotonic() - started >= 0.3, "the executor ran the run while its lease was held"
+    assert record["train"]["steps"] == 5 and len(attempts(task)) == 1
+    assert not (task.path / ".lock").exists(), "the lease outlived its run"
+
+
+def test_a_lease_heartbeat_keeps_it_held_beyond_its_expiry_for_other_hosts(tmp_path, monkeypatch):
+    holder = FolderLock(tmp_path, expiry_s=0.4, heartbeat_s=0.05).acquire()
+    acquired = holder.holder()["renewed"]
+    time.sleep(1.0)  # more than two expiries
+    here = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-host.invalid")
+    # Another host judges the holder by its last renewal only (it cannot see the pid).
+    assert FolderLock(tmp_path, expiry_s=0.4).is_held()
+    assert holder.holder()["renewed"] > acquired + 0.5
+    monkeypatch.setattr(socket, "gethostname", lambda: here)
+    holder.release()
+    assert not (tmp_path / ".lock").exists() and holder._heartbeat is None
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        FolderLock(tmp_path, expiry_s=1.0, heartbeat_s=1.0)
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        FolderLock(tmp_path, heartbeat_s=1.0)
+
+
+def test_a_lease_taken_over_is_reported_lost_by_its_heartbeat(tmp_path):
+    holder = FolderLock(tmp_path, expiry_s=1.0, heartbeat_s=0.02).acquire()
+    record = {**holder.holder(), "token": "someone else's", "pid": 1, "host": "elsewhere.invalid"}
+    (tmp_path / ".lock").write_text(json.dumps(record))
+    deadline = time.monotonic() + 5
+    while not holder.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holder.lost
+    holder.release()  # leaves the new holder's lease alone
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == "someone else's"
+
+
+def test_a_requeued_task_gives_up_its_leases_first(tmp_path):
+    (task,) = sweep_tasks(tmp_path, {"lr": [0.05]}, n=40, max_steps=5)
+    first, second = lease(task.path), FolderLock(tmp_path / "other")
+    assert first.try_acquire() and second.try_acquire()
+    # What submitit calls in a SLURM job on USR2 (preemption, time-out) before it requeues the job.
+    resubmission = task.checkpoint()
+    assert resubmission.function is task
+    assert not (task.path / ".lock").exists() and not (tmp_path / "other" / ".lock").exists()
+    release_held_locks()  # nothing left to release
 
 
 def test_a_failed_run_stops_the_sweep_naming_it_and_the_others_finish(tmp_path):

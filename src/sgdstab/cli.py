@@ -29,7 +29,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -38,6 +38,9 @@ from rich.table import Table
 
 from sgdstab.errors import InputError, SgdstabError
 from sgdstab.io import dumps
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 app = typer.Typer(
     add_completion=False,
@@ -189,6 +192,20 @@ def reproduce(
         help="Fetch CIFAR-10 (MD5-checked) into --data-dir first when it is missing; needs internet.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
+    executor: str | None = typer.Option(
+        None,
+        help="Where the runs train: local (worker processes) or slurm (job arrays via submitit). "
+        "Default: in this process, one after another.",
+    ),
+    jobs: int | None = typer.Option(
+        None, help="Local worker processes, one torch thread each (implies --executor local)."
+    ),
+    slurm_folder: Path | None = typer.Option(None, help="submitit's job folder, on shared storage (slurm)."),
+    partition: str | None = typer.Option(None, help="SLURM partition."),
+    gpus_per_run: int = typer.Option(0, help="GPUs per SLURM job."),
+    cpus_per_run: int = typer.Option(1, help="CPU cores (and torch threads) per SLURM job."),
+    time: int = typer.Option(60, help="Minutes per SLURM job (a timed-out job is requeued and resumes)."),
+    mem: float | None = typer.Option(None, help="GB of memory per SLURM job."),
 ) -> None:
     """Run the experiments E1-E5 (resuming finished runs) and write report.md / report.html in --out."""
     from sgdstab.data import find_cifar10
@@ -198,6 +215,11 @@ def reproduce(
     with user_errors(), progress_bar() as bar:
         if download:
             find_cifar10(data_dir, download=True)
+        runner = None
+        if executor is not None or jobs is not None:
+            runner = _executor(
+                executor or "local", jobs or 1, slurm_folder, partition, gpus_per_run, cpus_per_run, time, mem
+            )
 
         def progress(label: str, done: int, total: int) -> None:
             bar.update(label.split()[0], done, total, label)
@@ -211,6 +233,7 @@ def reproduce(
             device=device,
             overrides=set_ or (),
             progress=progress,
+            executor=runner,
         )
     verdicts = {name: {"holds": a["holds"], "checks": a["checks"]} for name, a in analyses.items()}
     if as_json:
@@ -323,28 +346,38 @@ def sweep(
     mem: float | None = typer.Option(None, help="GB of memory per SLURM job."),
 ) -> None:
     """Train one run per grid point on an executor (resuming finished runs), then tabulate and plot them."""
-    from sgdstab.sweeps import make_executor, parse_assignments
+    from sgdstab.sweeps import parse_assignments
     from sgdstab.sweeps import sweep as run_sweep
 
     with user_errors():
-        slurm = (
-            {}
-            if executor != "slurm"
-            else dict(
-                partition=partition,
-                gpus_per_run=gpus_per_run,
-                cpus_per_run=cpus_per_run,
-                time_min=time,
-                mem_gb=mem,
-            )
-        )
         result = run_sweep(
             out,
             parse_assignments(grid, grid=True),
-            make_executor(executor, jobs, slurm_folder, **slurm),
+            _executor(executor, jobs, slurm_folder, partition, gpus_per_run, cpus_per_run, time, mem),
             **parse_assignments(set_ or [], grid=False),
         )
     typer.echo("\n".join(str(p) for p in (result.csv, result.parquet, result.figure)))
+
+
+def _executor(
+    kind: str,
+    jobs: int,
+    slurm_folder: Path | None,
+    partition: str | None,
+    gpus_per_run: int,
+    cpus_per_run: int,
+    time: int,
+    mem: float | None,
+) -> Executor:
+    """The executor of the sweep and reproduce options (the SLURM ones apply to slurm only)."""
+    from sgdstab.sweeps import make_executor
+
+    if kind != "slurm":
+        return make_executor(kind, jobs, slurm_folder)
+    slurm = dict(
+        partition=partition, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, time_min=time, mem_gb=mem
+    )
+    return make_executor(kind, jobs, slurm_folder, **slurm)
 
 
 # ------------------------------------------------------------------------------------- measure / stability

@@ -20,8 +20,10 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -282,8 +284,11 @@ class FolderLock:
     The file holds the holder's host, pid and the times it took and last renewed the lock, so a
     refusal names who holds it. A lock whose holder is gone is taken over: on this host when its
     pid no longer runs; on another host (a shared file system) only when ``expiry_s`` is given and
-    the holder has not called ``renew`` for that long. A holder on another host that may run long
-    therefore calls ``renew`` more often than ``expiry_s`` (a heartbeat, as a sweep's run lease).
+    the holder has not called ``renew`` for that long (hosts' clocks must agree to well within
+    ``expiry_s``). With ``heartbeat_s``, a daemon thread of the holder calls ``renew`` that often
+    until ``release``: a lease that lives exactly as long as its holder, on any host (a sweep's
+    run lease). Should the heartbeat find the lock taken over (its holder was silent for longer
+    than ``expiry_s``), it stops and sets ``lost``.
 
     Use as a context manager::
 
@@ -291,13 +296,28 @@ class FolderLock:
             ...  # the only writer of ``out``
     """
 
-    def __init__(self, folder: str | os.PathLike, expiry_s: float | None = None, name: str = LOCK_FILE):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        expiry_s: float | None = None,
+        name: str = LOCK_FILE,
+        heartbeat_s: float | None = None,
+    ):
         if expiry_s is not None and not expiry_s > 0:
             raise InputError(f"expiry_s must be > 0 seconds or None, got {expiry_s!r}")
+        if heartbeat_s is not None and not (expiry_s is not None and 0 < heartbeat_s < expiry_s):
+            raise InputError(
+                f"heartbeat_s must be > 0 and below expiry_s (several beats per expiry), "
+                f"got heartbeat_s={heartbeat_s!r} with expiry_s={expiry_s!r}"
+            )
         self.folder = Path(folder)
         self.path = self.folder / name
         self.expiry_s = expiry_s
+        self.heartbeat_s = heartbeat_s
+        self.lost = False
         self._token: str | None = None
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def _record(self, acquired: float) -> dict[str, Any]:
         return {
@@ -326,8 +346,12 @@ class FolderLock:
             return not _process_runs(int(holder.get("pid", -1)))
         return self.expiry_s is not None and time.time() - float(holder.get("renewed", 0)) > self.expiry_s
 
-    def acquire(self) -> FolderLock:
-        """Take the lock; RunFolderError naming the holder when another live writer has it."""
+    def is_held(self) -> bool:
+        """True while a live holder (by this lock's rules of expiry) has the lock."""
+        return self.path.exists() and not self._is_stale(self.holder())
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free or its holder is gone; False when another live holder has it."""
         make_folder(self.folder)
         self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         while True:
@@ -336,20 +360,26 @@ class FolderLock:
             except FileExistsError:
                 holder = self.holder()
                 if not self._is_stale(holder):
-                    who = (
-                        "another writer"
-                        if holder is None
-                        else f"pid {holder.get('pid')} on {holder.get('host')}"
-                    )
-                    raise RunFolderError(
-                        f"{self.folder} is being written by {who} (lock {self.path}); wait for it to finish, "
-                        "or use another folder"
-                    ) from None
+                    self._token = None
+                    return False
                 self._take_over(holder)
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(self._record(time.time())))
-            return self
+            self._start_heartbeat()
+            _HELD.add(self)
+            return True
+
+    def acquire(self) -> FolderLock:
+        """Take the lock; RunFolderError naming the holder when another live writer has it."""
+        if not self.try_acquire():
+            holder = self.holder()
+            who = "another writer" if holder is None else f"pid {holder.get('pid')} on {holder.get('host')}"
+            raise RunFolderError(
+                f"{self.folder} is being written by {who} (lock {self.path}); wait for it to finish, "
+                "or use another folder"
+            )
+        return self
 
     def _take_over(self, stale: dict[str, Any] | None) -> None:
         """Remove a stale lock file, unless another process replaced it since we read it."""
@@ -375,19 +405,85 @@ class FolderLock:
             raise RunFolderError(f"the lock {self.path} is no longer held by this process")
         write_json_atomic(self.path, {**holder, "renewed": time.time()}, indent=None)
 
+    def _start_heartbeat(self) -> None:
+        if self.heartbeat_s is None:
+            return
+        self.lost = False
+        self._stop_heartbeat.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat {self.path}", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        assert self.heartbeat_s is not None
+        while not self._stop_heartbeat.wait(self.heartbeat_s):
+            try:
+                self.renew()
+            except RunFolderError:
+                self.lost = True
+                return
+            except OSError:
+                # A slow or briefly unreachable shared file system: the next beat tries again,
+                # and expiry_s allows several missed beats.
+                continue
+
     def release(self) -> None:
-        """Give the lock up (only if this process still holds it)."""
+        """Give the lock up (only if this process still holds it); stops its heartbeat first."""
+        if self._heartbeat is not None:
+            self._stop_heartbeat.set()
+            if self._heartbeat is not threading.current_thread():
+                self._heartbeat.join()
+            self._heartbeat = None
         holder = self.holder()
         if self._token is not None and holder is not None and holder.get("token") == self._token:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         self._token = None
+        _HELD.discard(self)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+#: A run's lease (``run_lease``): its holder renews it every ``LEASE_HEARTBEAT_S`` seconds; a
+#: holder on another host silent for ``LEASE_EXPIRY_S`` is presumed dead (six beats: a slow shared
+#: file system may miss a few). On this host a lease is free as soon as its holder's process is gone.
+LEASE_HEARTBEAT_S = 5.0
+LEASE_EXPIRY_S = 30.0
+
+
+def lease(folder: str | os.PathLike) -> FolderLock:
+    """The lease of a run folder (not yet taken): a ``FolderLock`` with a heartbeat and an expiry."""
+    return FolderLock(folder, expiry_s=LEASE_EXPIRY_S, heartbeat_s=LEASE_HEARTBEAT_S)
+
+
+@dataclass(frozen=True)
+class Held:
+    """The outcome of a run that another live worker holds: it was not started a second time.
+
+    ``holder`` is the lease's record (host, pid, times). The run is done once its ``final.json``
+    exists; should ``lease(path).is_held()`` turn False first, its holder died: run it again.
+    """
+
+    path: Path
+    holder: dict[str, Any] | None
+
+
+#: The locks this process holds, so that ``release_held_locks`` can give them all up.
+_HELD: set[FolderLock] = set()
+
+
+def release_held_locks() -> None:
+    """Release every lock this process holds: a job about to be requeued lets its successor in.
+
+    SLURM's requeue of a preempted job (submitit's ``checkpoint``) runs this before the job is
+    killed, so its rerun, on this host or another, takes its run's lease at once instead of
+    waiting for the lease to expire.
+    """
+    for lock in list(_HELD):
+        lock.release()
 
 
 def _process_runs(pid: int) -> bool:

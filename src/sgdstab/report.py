@@ -57,7 +57,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> Block:
 
 
 # ------------------------------------------------------------------------------------- figures
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG to ``path``, atomically (a killed write leaves the old file)."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
@@ -104,7 +105,12 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
         axis.legend(fontsize=6)
 
 
-def _plot_e2(analysis: dict, fig: Figure) -> None:
+def plot_e2(analysis: dict, fig: Figure) -> None:
+    """E2's figure on ``fig``: ||H||_F of each minimum against sqrt(B)/eta, with its bound.
+
+    The bound is 1/(eta sqrt(p_B mu)) (Wu, Wang & Su 2022); rows without "frobenius" (runs that
+    did not converge) are left out. ``sgdstab.sweeps`` draws a sweep's figure with it.
+    """
     axis = fig.subplots()
     converged = [r for r in analysis["rows"] if "frobenius" in r]
     sizes = sorted({r["batch_size"] for r in analysis["rows"]})
@@ -293,7 +299,7 @@ def _plot_density(row: dict, fig: Figure) -> None:
 
 PLOTS: dict[str, tuple[Callable[[dict, Figure], None], tuple[float, float]]] = {
     "E1": (_plot_e1, (10, 4)),
-    "E2": (_plot_e2, (7, 5)),
+    "E2": (plot_e2, (7, 5)),
     "E3": (_plot_e3, (9, 9)),
     "E4": (_plot_e4, (8, 5)),
     "E5": (_plot_e5, (9, 4)),
@@ -467,7 +473,7 @@ def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Pa
         path = figures / f"{name}.png"
         fig = Figure(figsize=size)
         plot(analysis, fig)
-        _save(fig, path)
+        save_figure(fig, path)
         blocks.append(("figure", f"{FIGURES_DIR}/{path.name}", f"{name}: {analysis['title']}"))
     if name == "E4":
         blocks.append(
@@ -500,7 +506,7 @@ def _curvature_blocks(e2: dict, figures: Path) -> list[Block]:
     path = figures / "curvature_density.png"
     fig = Figure(figsize=(7, 4))
     _plot_density(row, fig)
-    _save(fig, path)
+    save_figure(fig, path)
     summary = [
         {"quantity": "lambda_max", "value": fmt(row["lambda_max"])},
         {"quantity": "top-5 eigenvalues", "value": ", ".join(fmt(v) for v in row["top_eigenvalues"])},

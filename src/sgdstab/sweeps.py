@@ -16,6 +16,11 @@ decide *where* tasks run:
 Dependencies are stages: ``executor.run([stage_1, stage_2])`` starts stage 2 once every task of
 stage 1 has finished (e.g. E4's settling runs after its GD run).
 
+Workers may be shared: two sweeps started at once on one folder, or a stage that names one run
+twice. A task takes its run's lease (``sgdstab.io.lease``) before it trains; a task whose run
+another live worker holds returns ``Held`` at once, and its executor polls until that run is
+finished (or its holder died: then it runs the task again). So every run is trained once.
+
 ``sweep`` is a user's own grid over the arguments of ``sgdstab train``: one run per grid point,
 trained and measured at its minimum, then one table (CSV and Parquet) and the E2-style figure of
 ||H||_F against sqrt(B)/eta with each run's stability bound 1/(eta sqrt(p_B mu)) (Wu, Wang & Su 2022).
@@ -25,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import itertools
 import json
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -42,19 +49,23 @@ import torch
 
 from sgdstab.errors import InputError, SgdstabError
 from sgdstab.experiments.config import DataConfig, MeasureConfig, ModelConfig, to_dict
-from sgdstab.io import FINAL_FILE, RunFolder, atomic_write, read_json
+from sgdstab.experiments.runs import RunTask, TrainSpec, run_id, spec_config, train_and_measure, try_execute
+from sgdstab.io import FINAL_FILE, Held, RunFolder, atomic_write, lease, read_json
 from sgdstab.stability import batch_noise_factor, frobenius_bound
 
 # ------------------------------------------------------------------------------------- tasks
 
 
 class Task(Protocol):
-    """What an executor runs: a picklable callable that writes its outcome to ``path/final.json``."""
+    """What an executor runs: a picklable callable that writes its outcome to ``path/final.json``.
+
+    It returns that record, or ``Held`` when another live worker holds the run's lease.
+    """
 
     @property
     def path(self) -> Path: ...
 
-    def __call__(self) -> dict: ...
+    def __call__(self) -> dict | Held: ...
 
 
 class SweepError(SgdstabError, RuntimeError):
@@ -66,66 +77,48 @@ def is_finished(task: Task) -> bool:
 
 
 @dataclass(frozen=True)
-class TrainTask(submitit.helpers.Checkpointable):
+class TrainTask(RunTask):
     """One training run of ``spec`` in ``<root>/<experiment>/<label>-<config hash>/``.
 
     ``measure``: the curvature summary to take at the minimum when the run converges (None:
     train only). ``checkpoint_every`` bounds the steps a killed run redoes; it changes no number,
-    so it is not part of the run's identity. Being ``Checkpointable``, a SLURM job running it is
+    so it is not part of the run's identity. Being a ``RunTask``, a SLURM job running it is
     requeued on preemption or time-out; the rerun resumes from the folder's checkpoint.
     """
 
     root: str
     experiment: str
     label: str
-    spec: Any  # sgdstab.experiments.runs.TrainSpec
+    spec: TrainSpec
     measure: MeasureConfig | None = None
     checkpoint_every: int = 200
 
     @property
     def config(self) -> dict:
-        from sgdstab.experiments.runs import spec_config
-
         extra = {} if self.measure is None else {"measure": to_dict(self.measure)}
         return spec_config(self.spec, **extra)
 
     @property
     def path(self) -> Path:
-        from sgdstab.experiments.runs import run_id
-
         return RunFolder(self.root, self.experiment, run_id(self.label, self.config)).path
 
-    def __call__(self) -> dict:
-        return train_in_folder(self)
+    def __call__(self) -> dict | Held:
+        """Train (and measure) in the run folder: the final record, or ``Held`` (see ``Task``)."""
 
+        def work(folder: RunFolder) -> dict:
+            return train_and_measure(folder, self.spec, self.measure, checkpoint_every=self.checkpoint_every)
 
-def train_in_folder(task: TrainTask) -> dict:
-    """Train (and measure) ``task`` in its run folder; the one place that knows ``experiments.runs``.
-
-    Returns the final record (also in ``final.json``); a finished folder is returned as it is.
-    """
-    from sgdstab.experiments.runs import execute, run_training
-    from sgdstab.summary import curvature_summary
-
-    def work(folder: RunFolder) -> dict:
-        # As runs.train_and_measure, with this task's checkpoint interval.
-        problem, result = run_training(folder.path, task.spec, checkpoint_every=task.checkpoint_every)
-        final = {"train": result.summary()}
-        if task.measure is not None and result.status == "converged":
-            final["curvature"] = curvature_summary(problem, **task.measure.kwargs()).to_dict()
-        return final
-
-    return execute(task.root, task.experiment, task.label, task.config, work)
+        return try_execute(self.root, self.experiment, self.label, self.config, work)
 
 
 @dataclass(frozen=True)
-class _Pinned(submitit.helpers.Checkpointable):
+class _Pinned(RunTask):
     """``task`` with torch's CPU threads set first: runs on a worker or a SLURM job use exactly ``threads``."""
 
     task: Task
     threads: int
 
-    def __call__(self) -> dict:
+    def __call__(self) -> dict | Held:
         torch.set_num_threads(self.threads)
         return self.task()
 
@@ -144,6 +137,44 @@ def _results(tasks: Sequence[Task]) -> list[dict]:
     return [read_json(task.path / FINAL_FILE) for task in tasks]
 
 
+#: What running some tasks gives: each task's outcome (its record or ``Held``) and the reasons of
+#: those that failed, by run folder.
+Outcomes = tuple[dict[Path, "dict | Held"], dict[Path, str]]
+
+
+def _run_stage(
+    index: int, tasks: Sequence[Task], run_tasks: Callable[[Sequence[Task]], Outcomes], poll_s: float
+) -> None:
+    """Run a stage's unfinished tasks with ``run_tasks``; those held by other workers, once freed.
+
+    Raises ``SweepError`` naming every run that did not finish.
+    """
+    # One task per run folder: a stage may name a run twice (E3's base point is in both sweeps).
+    pending = list({task.path: task for task in tasks if not is_finished(task)}.values())
+    failures: dict[Path, str] = {}
+    while pending:
+        outcomes, failed = run_tasks(pending)
+        failures.update(failed)
+        held = [task for task in pending if isinstance(outcomes.get(task.path), Held)]
+        pending = _await_leases(held, poll_s)
+    _raise_unfinished(index, tasks, failures)
+
+
+def _await_leases(held: Sequence[Task], poll_s: float) -> list[Task]:
+    """Poll until each held run is finished or its lease is free; the free, unfinished ones."""
+    waiting, free = list(held), list[Task]()
+    while waiting:
+        still_held: list[Task] = []
+        for task in waiting:
+            if is_finished(task):
+                continue
+            (still_held if lease(task.path).is_held() else free).append(task)
+        waiting = still_held
+        if waiting:
+            time.sleep(poll_s)
+    return free
+
+
 def _raise_unfinished(stage: int, tasks: Sequence[Task], failures: dict[Path, str]) -> None:
     unfinished = [task for task in tasks if not is_finished(task)]
     if not unfinished:
@@ -158,7 +189,10 @@ def _raise_unfinished(stage: int, tasks: Sequence[Task], failures: dict[Path, st
 # ------------------------------------------------------------------------------------- executors
 class Executor(Protocol):
     def run(self, stages: Sequence[Sequence[Task]]) -> list[list[dict]]:
-        """Run every stage's unfinished tasks, stage after stage; the final records, in task order."""
+        """Run every stage's unfinished tasks, stage after stage; the final records, in task order.
+
+        A run that another worker holds is waited for (polled every ``poll_s`` seconds).
+        """
         ...
 
 
@@ -173,47 +207,54 @@ class LocalExecutor:
 
     jobs: int = 1
     threads_per_job: int = 1
+    poll_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("jobs", "threads_per_job"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_poll(self.poll_s)
 
     def run(self, stages: Sequence[Sequence[Task]]) -> list[list[dict]]:
         with contextlib.ExitStack() as stack:
             pool = None
             for index, tasks in enumerate(stages):
-                pending = [task for task in tasks if not is_finished(task)]
                 if self.jobs == 1:
-                    failures = self._run_in_process(pending)
+                    _run_stage(index, tasks, self._run_in_process, self.poll_s)
                 else:
                     pool = pool or stack.enter_context(_worker_pool(self.jobs))
-                    failures = self._run_in_pool(pool, pending)
-                _raise_unfinished(index, tasks, failures)
+                    _run_stage(index, tasks, functools.partial(self._run_in_pool, pool), self.poll_s)
         return [_results(tasks) for tasks in stages]
 
-    def _run_in_process(self, tasks: Sequence[Task]) -> dict[Path, str]:
+    def _run_in_process(self, tasks: Sequence[Task]) -> Outcomes:
+        outcomes: dict[Path, dict | Held] = {}
         failures = {}
         with _threads(self.threads_per_job):
             for task in tasks:
                 try:
-                    task()
+                    outcomes[task.path] = task()
                 except Exception as err:  # one failed run must not stop the others
                     failures[task.path] = f"{type(err).__name__}: {err}"
-        return failures
+        return outcomes, failures
 
-    def _run_in_pool(self, pool: ProcessPoolExecutor, tasks: Sequence[Task]) -> dict[Path, str]:
+    def _run_in_pool(self, pool: ProcessPoolExecutor, tasks: Sequence[Task]) -> Outcomes:
+        outcomes: dict[Path, dict | Held] = {}
         failures: dict[Path, str] = {}
         futures = [(task, pool.submit(_Pinned(task, self.threads_per_job))) for task in tasks]
         for task, future in futures:
             try:
-                future.result()
+                outcomes[task.path] = future.result()
             except BrokenProcessPool:
                 failures[task.path] = "its worker process died (killed or out of memory)"
             except Exception as err:
                 failures[task.path] = f"{type(err).__name__}: {err}"
-        return failures
+        return outcomes, failures
+
+
+def _check_poll(poll_s: float) -> None:
+    if not (isinstance(poll_s, (int, float)) and math.isfinite(poll_s) and poll_s > 0):
+        raise InputError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
 
 
 def _worker_pool(jobs: int) -> ProcessPoolExecutor:
@@ -253,10 +294,12 @@ class SubmititExecutor:
     mem_gb: float | None = None
     array_parallelism: int = 256
     max_requeues: int = 3
+    poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.cluster not in ("slurm", "local"):
             raise InputError(f"cluster must be 'slurm' or 'local', got {self.cluster!r}")
+        _check_poll(self.poll_s)
 
     def executor(self) -> submitit.AutoExecutor:
         # cluster= always: AutoExecutor picks SLURM whenever srun is on PATH, even with no cluster.
@@ -289,15 +332,18 @@ class SubmititExecutor:
 
     def run(self, stages: Sequence[Sequence[Task]]) -> list[list[dict]]:
         for index, tasks in enumerate(stages):
-            pending = [task for task in tasks if not is_finished(task)]
-            failures: dict[Path, str] = {}
-            for task, job in zip(pending, self.submit(pending) if pending else [], strict=True):
-                try:
-                    job.result()
-                except Exception as err:
-                    failures[task.path] = f"job {job.job_id} failed: {str(err).strip().splitlines()[-1:]}"
-            _raise_unfinished(index, tasks, failures)
+            _run_stage(index, tasks, self._run_jobs, self.poll_s)
         return [_results(tasks) for tasks in stages]
+
+    def _run_jobs(self, tasks: Sequence[Task]) -> Outcomes:
+        outcomes: dict[Path, dict | Held] = {}
+        failures: dict[Path, str] = {}
+        for task, job in zip(tasks, self.submit(tasks), strict=True):
+            try:
+                outcomes[task.path] = job.result()
+            except Exception as err:
+                failures[task.path] = f"job {job.job_id} failed: {str(err).strip().splitlines()[-1:]}"
+        return outcomes, failures
 
 
 def make_executor(
@@ -350,14 +396,12 @@ TABLE_COLUMNS = (
 )
 
 
-def train_spec(**arguments: Any) -> Any:
+def train_spec(**arguments: Any) -> TrainSpec:
     """The ``TrainSpec`` that ``sgdstab train`` builds from these arguments (missing ones: its defaults).
 
     As in ``sgdstab train``, ``seed`` draws the data subset, the initial weights and the batches;
     ``batch_size`` None or 0 is full-batch GD.
     """
-    from sgdstab.experiments.runs import TrainSpec
-
     unknown = sorted(set(arguments) - set(TRAIN_DEFAULTS))
     if unknown:
         raise InputError(f"unknown train argument(s) {unknown}; choose from {sorted(TRAIN_DEFAULTS)}")
@@ -534,22 +578,24 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     """The E2 figure for a sweep: ||H||_F of each minimum against sqrt(B)/eta, with its bound."""
     from matplotlib.figure import Figure
 
-    from sgdstab.report import _plot_e2, _save
+    from sgdstab.report import plot_e2, save_figure
 
     figure = Figure(figsize=(7, 5))
-    # _plot_e2 takes a row without "frobenius" for a run that did not converge.
+    # plot_e2 takes a row without "frobenius" for a run that did not converge.
     plotted = [
         row if math.isfinite(row["frobenius"]) else {k: v for k, v in row.items() if k != "frobenius"}
         for row in rows
     ]
-    _plot_e2({"rows": plotted}, figure)
-    _save(figure, path)
+    plot_e2({"rows": plotted}, figure)
+    save_figure(figure, path)
     return path
 
 
 __all__ = [
     "Executor",
+    "Held",
     "LocalExecutor",
+    "RunTask",
     "SubmititExecutor",
     "SweepError",
     "SweepResult",

@@ -225,16 +225,16 @@ class _Stop(Exception):
 
 
 def first_run_ids(module, config, monkeypatch):
-    """The run ids of a recipe's first units (E4: the GD run and the first escape), without running them."""
+    """The run ids of a recipe's first stages (E4: the GD run and the escapes), without running them."""
     ids = []
 
-    def fake_execute(root, experiment, label, run_config, work):
-        ids.append(runs.run_id(label, run_config))
+    def fake_run_stage(tasks, executor=None, progress=None):
+        ids.extend(task.path.name for task in tasks)
         if module is e4_escape and len(ids) == 1:
-            return {"train": {"status": "converged"}, "sgd_lr": 0.1, "folder": "E4/gd"}
+            return [{"train": {"status": "converged"}, "sgd_lr": 0.1, "folder": "E4/gd"}]
         raise _Stop
 
-    monkeypatch.setattr(module, "execute", fake_execute)
+    monkeypatch.setattr(module, "run_stage", fake_run_stage)
     with pytest.raises(_Stop):
         module.run(config, "unused")
     return ids

@@ -1,4 +1,4 @@
-"""A smoke sweep as a SLURM job array on a real cluster (`make test-slurm`; .ci/slurm-up.sh starts it).
+"""A smoke sweep and a smoke suite as SLURM job arrays on a real cluster (`make test-slurm`; .ci/slurm-up.sh starts it).
 
 Plain `pytest` does not collect this folder (pyproject's addopts ignore it). Without a cluster the
 tests fail with the reason: `make test-slurm` never passes by skipping.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sgdstab.experiments import reproduce
 from sgdstab.io import read_json, read_jsonl
 from sgdstab.sweeps import LocalExecutor, SubmititExecutor, sweep_tasks
 
@@ -88,3 +89,28 @@ def test_job_array_requeued_and_preempted_jobs_resume_to_the_local_results(tmp_p
         )
     # The executor's own loop sees every run finished and submits nothing more.
     assert executor.run([tasks])[0] == [read_json(task.path / "final.json") for task in tasks]
+
+
+def without_wall_clock(value):
+    if isinstance(value, dict):
+        return {k: without_wall_clock(v) for k, v in value.items() if k != "wall_time_s"}
+    if isinstance(value, list):
+        return [without_wall_clock(v) for v in value]
+    return value
+
+
+def test_reproduce_on_slurm_equals_the_in_process_suite(tmp_path):
+    # E4: two stages (GD, then the escapes from its minimum), each one job array.
+    # One torch thread per run, as in each SLURM job (cpus_per_run=1).
+    local = reproduce(tmp_path / "local", scale="smoke", only=["E4"], executor=LocalExecutor(jobs=1))
+    executor = SubmititExecutor(folder=str(tmp_path / "submitit"), cluster="slurm", time_min=30)
+    on_slurm = reproduce(tmp_path / "slurm", scale="smoke", only=["E4"], executor=executor)
+    assert without_wall_clock(on_slurm) == without_wall_clock(local)
+    folders = sorted(p.name for p in (tmp_path / "local" / "E4").iterdir() if p.is_dir())
+    assert folders == sorted(p.name for p in (tmp_path / "slurm" / "E4").iterdir() if p.is_dir())
+    for name in folders:
+        expected, got = (
+            read_json(tmp_path / side / "E4" / name / "final.json") for side in ("local", "slurm")
+        )
+        assert without_wall_clock(got) == without_wall_clock(expected), name
+    assert list((tmp_path / "submitit").glob("*.out")), "no SLURM job ran"

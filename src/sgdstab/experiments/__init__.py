@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgdstab.errors import InputError
 from sgdstab.experiments import e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria
@@ -27,6 +27,9 @@ from sgdstab.experiments.runs import Progress, no_progress, suite_progress
 from sgdstab.io import FolderLock, make_folder, read_json, remove_temporaries, write_json_atomic
 from sgdstab.report import FIGURES_DIR, write_report
 from sgdstab.training import check_device
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 EXPERIMENTS: dict[str, ModuleType] = {
     m.NAME: m for m in (e1_alignment, e2_frobenius_bound, e3_size, e4_escape, e5_criteria)
@@ -200,8 +203,13 @@ def reproduce(
     device: str | None = None,
     overrides: Iterable[str] = (),
     progress: Progress = no_progress,
+    executor: Executor | None = None,
 ) -> dict[str, dict]:
     """Run the chosen experiments into ``out`` (resuming finished runs) and write the report there.
+
+    ``executor`` (``sgdstab.sweeps``): where each recipe's independent runs train, stage after
+    stage (E2: its common start, then the grid; E4: GD, then the escapes); None trains them in
+    this process, one after another. Analyses, curvature scans and the report run here.
 
     ``out/config.json`` keeps every experiment's scale and config (merged with earlier calls
     that ran other experiments into the same folder); an experiment's entry is written once its
@@ -218,18 +226,20 @@ def reproduce(
             remove_temporaries(folder)
         reporting = suite_progress.set(progress)
         try:
-            analyses = _run_and_record(out, scale, configs, progress)
+            analyses = _run_and_record(out, scale, configs, progress, executor)
         finally:
             suite_progress.reset(reporting)
         write_report(out)
     return analyses
 
 
-def _run_and_record(out: Path, scale: str, configs: dict[str, Any], progress: Progress) -> dict[str, dict]:
+def _run_and_record(
+    out: Path, scale: str, configs: dict[str, Any], progress: Progress, executor: Executor | None
+) -> dict[str, dict]:
     """Run each experiment, then record its scale in its analysis and its config in the suite's."""
     analyses = {}
     for name, config in configs.items():
-        analysis = {**EXPERIMENTS[name].run(config, out, progress), "scale": scale}
+        analysis = {**EXPERIMENTS[name].run(config, out, progress, executor), "scale": scale}
         analyses[name] = save_analysis(out, name, analysis)
         suite_path = out / SUITE_CONFIG
         suite = read_json(suite_path) if suite_path.exists() else {"experiments": {}}

@@ -20,9 +20,11 @@ than for one output, as ||H||_F itself is (C blocks of the same size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -42,16 +44,21 @@ from sgdstab.experiments.config import (
     to_dict,
 )
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
-    execute,
     no_progress,
+    run_stage,
     run_training,
     spec_config,
 )
+from sgdstab.io import RunFolder
 from sgdstab.problem import Problem
 from sgdstab.run_spec import load_data
 from sgdstab.sample_space import DEFAULT_MAX_JACOBIAN_ENTRIES, gram_matrix
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E1"
 TITLE = "Alignment factor along training"
@@ -177,73 +184,92 @@ def output_alignment(gram: Tensor, residuals: Tensor) -> dict[str, float]:
 MULTICLASS_KEYS = ("mu", "c_mu", "mu_output_mean", "mu_output_min", "block_share")
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """Train every family and the multi-class arm (independent runs, on ``executor``; None: here,
+    in order) and analyse.
+    """
+    family_tasks = tasks(config, root)
+    arm_tasks, skipped = multiclass_tasks(config, root)
+    records = run_stage([*family_tasks, *arm_tasks], executor, progress)
+    progress(NAME, len(records), len(records))
+    multiclass = [*records[len(family_tasks) :], *skipped]
+    return save_analysis(root, NAME, analyse(records[: len(family_tasks)], config, multiclass))
+
+
+def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
+    """One run per family: SGD with mu measured along the way."""
     if len(config.lrs) != len(config.families):
         raise InputError(
             f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs"
         )
+    units = []
+    for family, lr in zip(config.families, config.lrs, strict=True):
+        spec = _spec(config, config.data, family, lr, config.max_steps, config.measure_every)
+        # The alignment settings change the recorded mu curve: they belong to the run's identity.
+        run_config = spec_config(
+            spec, family_label=family.title, alignment=config.alignment, num_probes=config.num_probes
+        )
+        work = functools.partial(_train_measuring_mu, spec=spec, config=config)
+        units.append(FolderTask(os.fspath(root), NAME, family.name, run_config, work))
+    return units
+
+
+def multiclass_tasks(config: Config, root: str | os.PathLike) -> tuple[list[FolderTask], list[dict]]:
+    """One run per (C-class data set, family), and a record for each data set whose files are missing."""
     if len(config.multiclass_lrs) != len(config.multiclass_families):
         raise InputError(
             f"E1 needs one learning rate per multi-class family: {len(config.multiclass_families)} families, "
             f"{len(config.multiclass_lrs)} multiclass_lrs"
         )
-
-    def measure(problem: Problem) -> dict[str, float]:
-        result = alignment(
-            problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
-        )
-        return {"mu": result.mu, "mu_stderr": result.stderr}
-
-    multiclass_units = [
-        (data, family, lr)
-        for data in config.multiclass_data
-        for family, lr in zip(config.multiclass_families, config.multiclass_lrs, strict=True)
-    ]
-    total = len(config.families) + len(multiclass_units)
-    records = []
-    for index, (family, lr) in enumerate(zip(config.families, config.lrs, strict=True)):
-        progress(f"{NAME} {family.title}", index, total)
-        spec = _spec(config, config.data, family, lr, config.max_steps, config.measure_every)
-
-        def work(folder, spec=spec):
-            _, result = run_training(folder.path, spec, measure=measure)
-            return {"train": result.summary(), "mu_curve": _curve(result, ("mu", "mu_stderr"))}
-
-        # The alignment settings change the recorded mu curve: they belong to the run's identity.
-        run_config = spec_config(
-            spec, family_label=family.title, alignment=config.alignment, num_probes=config.num_probes
-        )
-        records.append(execute(root, NAME, family.name, run_config, work))
-
-    def measure_outputs(problem: Problem) -> dict[str, float]:
-        gram = gram_matrix(problem, max_jacobian_entries=config.max_jacobian_entries)
-        residuals = problem.residuals(problem.parameters().detach()).reshape(problem.num_samples, -1)
-        return output_alignment(gram, residuals)
-
-    multiclass = []
-    for index, (data, family, lr) in enumerate(multiclass_units, start=len(config.families)):
+    units, skipped = [], []
+    for data in config.multiclass_data:
         # Classes given as a JSON list (an override) must hash: the data set is cached per config.
         data = dataclasses.replace(data, classes=None if data.classes is None else tuple(data.classes))
-        progress(f"{NAME} {family.title} on {data.name}", index, total)
-        try:
-            load_data(data, config.device, config.dtype)
-        except DatasetNotFoundError as err:
-            if not config.skip_missing_data:
-                raise
-            multiclass.append(
-                {"skipped": True, "data": to_dict(data), "family_label": family.title, "reason": str(err)}
+        for family, lr in zip(config.multiclass_families, config.multiclass_lrs, strict=True):
+            try:
+                load_data(data, config.device, config.dtype)
+            except DatasetNotFoundError as err:
+                if not config.skip_missing_data:
+                    raise
+                skipped.append(
+                    {"skipped": True, "data": to_dict(data), "family_label": family.title, "reason": str(err)}
+                )
+                continue
+            spec = _spec(
+                config, data, family, lr, config.multiclass_max_steps, config.multiclass_measure_every
             )
-            continue
-        spec = _spec(config, data, family, lr, config.multiclass_max_steps, config.multiclass_measure_every)
+            run_config = spec_config(spec, family_label=family.title, multiclass=True)
+            work = functools.partial(_train_measuring_outputs, spec=spec, config=config)
+            units.append(FolderTask(os.fspath(root), NAME, f"{family.name}-C{data.name}", run_config, work))
+    return units, skipped
 
-        def work_outputs(folder, spec=spec):
-            _, result = run_training(folder.path, spec, measure=measure_outputs)
-            return {"train": result.summary(), "mu_curve": _curve(result, MULTICLASS_KEYS)}
 
-        run_config = spec_config(spec, family_label=family.title, multiclass=True)
-        multiclass.append(execute(root, NAME, f"{family.name}-C{data.name}", run_config, work_outputs))
-    progress(NAME, total, total)
-    return save_analysis(root, NAME, analyse(records, config, multiclass))
+def _alignment(problem: Problem, config: Config) -> dict[str, float]:
+    result = alignment(
+        problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
+    )
+    return {"mu": result.mu, "mu_stderr": result.stderr}
+
+
+def _output_alignment(problem: Problem, config: Config) -> dict[str, float]:
+    gram = gram_matrix(problem, max_jacobian_entries=config.max_jacobian_entries)
+    residuals = problem.residuals(problem.parameters().detach()).reshape(problem.num_samples, -1)
+    return output_alignment(gram, residuals)
+
+
+def _train_measuring_mu(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
+    _, result = run_training(folder.path, spec, measure=functools.partial(_alignment, config=config))
+    return {"train": result.summary(), "mu_curve": _curve(result, ("mu", "mu_stderr"))}
+
+
+def _train_measuring_outputs(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
+    _, result = run_training(folder.path, spec, measure=functools.partial(_output_alignment, config=config))
+    return {"train": result.summary(), "mu_curve": _curve(result, MULTICLASS_KEYS)}
 
 
 def _spec(

@@ -18,10 +18,12 @@ runs whose bound lies above the start stay within ``stay_tolerance`` of its ||H|
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scipy.stats import linregress, spearmanr
 
@@ -36,16 +38,19 @@ from sgdstab.experiments.config import (
     to_dict,
 )
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
-    execute,
     no_progress,
-    run_training,
+    run_stage,
     spec_config,
     train_and_measure,
 )
+from sgdstab.io import RunFolder
 from sgdstab.stability import batch_noise_factor, frobenius_bound
-from sgdstab.summary import curvature_summary
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E2"
 TITLE = "Frobenius bound over a grid of (eta, B)"
@@ -98,39 +103,56 @@ def default_config(scale: str) -> Config:
     return preset(scale, quick, full)
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
-    grid = [(lr, b) for b in config.batch_sizes for lr in config.lrs]
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """GD to the common start, then the grid's independent runs (on ``executor``; None: here, in order)."""
     start = None
-    if config.start_lr is not None:
-        progress(f"{NAME} GD to the common sharp start", 0, len(grid) + 1)
-        start_spec = TrainSpec(
-            data=config.data,
-            model=config.model,
-            lr=config.start_lr,
-            batch_size=None,
-            max_steps=config.start_max_steps,
-            loss_goal=config.start_loss_goal,
-            eval_every=config.start_eval_every,
-            seed=config.seed,
-            device=config.device,
-            dtype=config.dtype,
-        )
-        start = execute(
-            root,
-            NAME,
-            "gd-start",
-            spec_config(start_spec, measure=to_dict(config.measure)),
-            lambda folder: {
-                **train_and_measure(folder, start_spec, config.measure),
-                "folder": str(folder.path),
-            },
-        )
+    start_task = common_start_task(config, root)
+    if start_task is not None:
+        (start,) = run_stage([start_task], executor, progress)
         if start["train"]["status"] != "converged":
             return save_analysis(root, NAME, analyse([], config, start))
-    records = []
-    for index, (lr, batch_size) in enumerate(grid):
+    records = run_stage(grid_tasks(config, root, start), executor, progress)
+    progress(NAME, len(records), len(records))
+    return save_analysis(root, NAME, analyse(records, config, start))
+
+
+def common_start_task(config: Config, root: str | os.PathLike) -> FolderTask | None:
+    """GD to the common sharp start of every grid run (None without ``start_lr``)."""
+    if config.start_lr is None:
+        return None
+    start_spec = TrainSpec(
+        data=config.data,
+        model=config.model,
+        lr=config.start_lr,
+        batch_size=None,
+        max_steps=config.start_max_steps,
+        loss_goal=config.start_loss_goal,
+        eval_every=config.start_eval_every,
+        seed=config.seed,
+        device=config.device,
+        dtype=config.dtype,
+    )
+    work = functools.partial(_train_measure_and_name_folder, spec=start_spec, measure=config.measure)
+    run_config = spec_config(start_spec, measure=to_dict(config.measure))
+    return FolderTask(os.fspath(root), NAME, "gd-start", run_config, work)
+
+
+def _train_measure_and_name_folder(folder: RunFolder, spec: TrainSpec, measure: MeasureConfig) -> dict:
+    return {**train_and_measure(folder, spec, measure), "folder": str(folder.path)}
+
+
+def grid_tasks(config: Config, root: str | os.PathLike, start: dict | None) -> list[FolderTask]:
+    """One run per (eta, B) of the grid, from ``start``'s minimum when there is one."""
+    grid = [(lr, b) for b in config.batch_sizes for lr in config.lrs]
+    warmup_steps = 0 if start is None else config.start_warmup_steps
+    units = []
+    for lr, batch_size in grid:
         label = f"lr{lr:g}-B{batch_size}"
-        progress(f"{NAME} {label}", index, len(grid))
         spec = TrainSpec(
             data=config.data,
             model=config.model,
@@ -144,17 +166,11 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
             dtype=config.dtype,
             init_from=None if start is None else start["folder"],
         )
-        records.append(
-            execute(
-                root,
-                NAME,
-                label,
-                spec_config(spec, measure=to_dict(config.measure), **_warmup_entry(config, start)),
-                _work(spec, config.measure, 0 if start is None else config.start_warmup_steps),
-            )
+        run_config = spec_config(spec, measure=to_dict(config.measure), **_warmup_entry(config, start))
+        units.append(
+            FolderTask(os.fspath(root), NAME, label, run_config, _work(spec, config.measure, warmup_steps))
         )
-    progress(NAME, len(grid), len(grid))
-    return save_analysis(root, NAME, analyse(records, config, start))
+    return units
 
 
 def _warmup_entry(config: Config, start: dict | None) -> dict:
@@ -162,19 +178,11 @@ def _warmup_entry(config: Config, start: dict | None) -> dict:
     return {} if start is None else {"warmup_steps": config.start_warmup_steps}
 
 
-def _work(spec: TrainSpec, measure: MeasureConfig, warmup_steps: int) -> Callable:
+def _work(spec: TrainSpec, measure: MeasureConfig, warmup_steps: int) -> Callable[[RunFolder], dict]:
+    """``train_and_measure`` (picklable), with the warm-up of a run from the common start (see Config)."""
     if not warmup_steps:
-        return lambda folder: train_and_measure(folder, spec, measure)
-    return lambda folder: _train_warm_and_measure(folder, spec, measure, warmup_steps)
-
-
-def _train_warm_and_measure(folder, spec: TrainSpec, measure: MeasureConfig, warmup_steps: int) -> dict:
-    """``train_and_measure`` with a warm-up: the run from the common start (see Config)."""
-    problem, result = run_training(folder.path, spec, warmup_steps=warmup_steps)
-    final = {"train": result.summary()}
-    if result.status == "converged":
-        final["curvature"] = curvature_summary(problem, **measure.kwargs()).to_dict()
-    return final
+        return functools.partial(train_and_measure, spec=spec, measure=measure)
+    return functools.partial(train_and_measure, spec=spec, measure=measure, warmup_steps=warmup_steps)
 
 
 def analyse(records: list[dict], config: Config, start: dict | None = None) -> dict:

@@ -22,10 +22,11 @@ Each check reports "k/m seeds"; the experiment holds when every check holds on e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,17 +42,22 @@ from sgdstab.experiments.config import (
     to_dict,
 )
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
     build,
-    execute,
     no_progress,
+    run_stage,
     run_training,
     spec_config,
 )
+from sgdstab.io import RunFolder
 from sgdstab.operators import hessian, ntk
 from sgdstab.problem import Problem
 from sgdstab.stability import batch_noise_factor, frobenius_bound
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E3"
 TITLE = "Size independence: SGD against GD over width and n, where the constraints bind"
@@ -179,7 +185,7 @@ def exact_curvature(problem: Problem, seed: int = 0) -> dict:
     }
 
 
-def _train_and_measure(folder, spec: TrainSpec, warmup_steps: int, seed: int) -> dict:
+def _train_and_measure(folder: RunFolder, spec: TrainSpec, warmup_steps: int, seed: int) -> dict:
     problem, result = run_training(folder.path, spec, warmup_steps=warmup_steps)
     final = {"train": result.summary()}
     if result.status == "converged":
@@ -202,48 +208,73 @@ def _points(config: Config) -> list[tuple[str, int, int]]:
     return [("width", w, base_n) for w in config.widths] + [("n", base_width, n) for n in config.ns]
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """The curvature scan (here), then every (seed, point, arm) run (on ``executor``; None: here, in order)."""
     progress(f"{NAME} initial-curvature scan", 0, 1)
     scan = curvature_scan(config)
-    lr = scan["lr"]
-    units = [
+    units = _units(config)
+    records = [
+        {
+            **record,
+            "sweep": sweep,
+            "optimizer": arm_name(batch_size),
+            "batch_size": batch_size,
+            "width": width,
+            "n": n,
+            "seed": seed,
+        }
+        for record, (seed, sweep, width, n, batch_size) in zip(
+            run_stage(tasks(config, root, scan["lr"]), executor, progress), units, strict=True
+        )
+    ]
+    progress(NAME, len(units), len(units))
+    return save_analysis(root, NAME, analyse(records, config, scan))
+
+
+def _units(config: Config) -> list[tuple[int, str, int, int, int | None]]:
+    """(seed, sweep, width, n, batch size) of every run, in the order they are reported."""
+    return [
         (seed, sweep, width, n, batch_size)
         for seed in config.seeds
         for sweep, width, n in _points(config)
         for batch_size in _arms(config)
     ]
-    records = []
-    for index, (seed, sweep, width, n, batch_size) in enumerate(units):
-        arm = GD if batch_size is None else f"SGD{batch_size}"
-        label = f"{arm}-w{width}-n{n}-s{seed}"
-        progress(f"{NAME} {label}", index, len(units))
-        spec = _model_spec(config, width, n, seed, lr, batch_size)
-        warmup = config.gd_warmup_steps if batch_size is None else config.warmup_steps
-        # The run at the base width and base n belongs to both sweeps: execute finds it the second time.
-        record = execute(
-            root,
-            NAME,
-            label,
-            spec_config(spec, warmup_steps=warmup, measure=to_dict(config.measure)),
-            _work(spec, warmup, config.measure.seed),
-        )
-        records.append(
-            {
-                **record,
-                "sweep": sweep,
-                "optimizer": arm_name(batch_size),
-                "batch_size": batch_size,
-                "width": width,
-                "n": n,
-                "seed": seed,
-            }
-        )
-    progress(NAME, len(units), len(units))
-    return save_analysis(root, NAME, analyse(records, config, scan))
 
 
-def _work(spec: TrainSpec, warmup: int, seed: int) -> Callable:
-    return lambda folder: _train_and_measure(folder, spec, warmup, seed)
+def tasks(config: Config, root: str | os.PathLike, lr: float) -> list[FolderTask]:
+    """The runs of E3 at the learning rate ``lr`` (the curvature scan's), one per unit.
+
+    The run at the base width and base n belongs to both sweeps: it appears twice, as one task
+    (one folder); whoever runs it second finds it finished (or held, and waits).
+    """
+    return [_task(config, root, lr, *unit) for unit in _units(config)]
+
+
+def _task(
+    config: Config,
+    root: str | os.PathLike,
+    lr: float,
+    seed: int,
+    sweep: str,
+    width: int,
+    n: int,
+    batch_size: int | None,
+) -> FolderTask:
+    arm = GD if batch_size is None else f"SGD{batch_size}"
+    spec = _model_spec(config, width, n, seed, lr, batch_size)
+    warmup = config.gd_warmup_steps if batch_size is None else config.warmup_steps
+    return FolderTask(
+        os.fspath(root),
+        NAME,
+        f"{arm}-w{width}-n{n}-s{seed}",
+        spec_config(spec, warmup_steps=warmup, measure=to_dict(config.measure)),
+        functools.partial(_train_and_measure, spec=spec, warmup_steps=warmup, seed=config.measure.seed),
+    )
 
 
 # ------------------------------------------------------------------------------------- analysis

@@ -18,7 +18,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,14 +34,15 @@ from sgdstab.experiments.config import (
     to_dict,
 )
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
-    execute,
     no_progress,
+    run_stage,
     run_training,
     spec_config,
 )
-from sgdstab.io import atomic_write
+from sgdstab.io import RunFolder, atomic_write
 from sgdstab.stability import (
     batch_noise_factor,
     escape_factor,
@@ -51,6 +52,9 @@ from sgdstab.stability import (
 )
 from sgdstab.summary import curvature_summary
 from sgdstab.training import CHECKPOINT_FILE
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E4"
 TITLE = "Exponential escape from a sharp minimum"
@@ -117,10 +121,27 @@ def default_config(scale: str) -> Config:
     return preset(scale, quick, full)
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
-    total = config.repeats + 1
-    progress(f"{NAME} GD to a sharp minimum", 0, total)
-    gd_spec = TrainSpec(
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """GD to a sharp minimum, then the SGD escapes from it; analyse.
+
+    The escapes are independent runs, on ``executor`` (None: here, in order); the first one
+    settles at a new minimum after its escape, in its own task.
+    """
+    (minimum,) = run_stage([minimum_task(config, root)], executor, progress)
+    if minimum["train"]["status"] != "converged":
+        return save_analysis(root, NAME, analyse(minimum, [], config))
+    escapes = run_stage(escape_tasks(config, root, minimum), executor, progress)
+    progress(NAME, config.repeats + 1, config.repeats + 1)
+    return save_analysis(root, NAME, analyse(minimum, escapes, config))
+
+
+def _gd_spec(config: Config) -> TrainSpec:
+    return TrainSpec(
         data=config.data,
         model=config.model,
         lr=config.gd_lr,
@@ -132,6 +153,11 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
         device=config.device,
         dtype=config.dtype,
     )
+
+
+def minimum_task(config: Config, root: str | os.PathLike) -> FolderTask:
+    """GD to a sharp minimum, and the curvature and linear stability of SGD there."""
+    gd_spec = _gd_spec(config)
     gd_config = spec_config(
         gd_spec,
         measure=to_dict(config.measure),
@@ -142,18 +168,18 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
         escape_steps=config.escape_steps,
         linearized_chains=config.linearized_chains,
     )
-    minimum = execute(root, NAME, "gd", gd_config, lambda folder: _sharp_minimum(folder, gd_spec, config))
-    if minimum["train"]["status"] != "converged":
-        return save_analysis(root, NAME, analyse(minimum, [], config))
+    work = functools.partial(_sharp_minimum, spec=gd_spec, config=config)
+    return FolderTask(os.fspath(root), NAME, "gd", gd_config, work)
 
-    sgd_lr = minimum["sgd_lr"]
-    escapes = []
+
+def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list[FolderTask]:
+    """The SGD escapes from ``minimum`` (the GD run's record), one per repeat; the first also settles."""
+    units = []
     for repeat in range(config.repeats):
-        progress(f"{NAME} SGD escape {repeat + 1}/{config.repeats}", repeat + 1, total)
         spec = TrainSpec(
             data=config.data,
             model=config.model,
-            lr=sgd_lr,
+            lr=minimum["sgd_lr"],
             batch_size=config.batch_size,
             sampling=config.sampling,
             max_steps=config.escape_steps,
@@ -166,20 +192,19 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
         )
         # Repeat 0 also trains on until SGD converges again, and measures where it settled.
         settle = repeat == 0
-        escapes.append(
-            execute(
-                root,
+        units.append(
+            FolderTask(
+                os.fspath(root),
                 NAME,
                 f"sgd-r{repeat}",
                 spec_config(spec, settle=settle, **(_settle_settings(config) if settle else {})),
                 functools.partial(_escape, spec=spec, config=config, settle=settle),
             )
         )
-    progress(NAME, total, total)
-    return save_analysis(root, NAME, analyse(minimum, escapes, config))
+    return units
 
 
-def _sharp_minimum(folder, spec: TrainSpec, config: Config) -> dict:
+def _sharp_minimum(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
     """GD to the loss goal; then the curvature, the alignment and the linear stability of SGD there."""
     problem, result = run_training(folder.path, spec)
     final = {"train": result.summary(), "folder": folder.relative_path}
@@ -232,7 +257,7 @@ def _settle_settings(config: Config) -> dict:
     }
 
 
-def _escape(folder, spec: TrainSpec, config: Config, settle: bool) -> dict:
+def _escape(folder: RunFolder, spec: TrainSpec, config: Config, settle: bool) -> dict:
     _, result = run_training(folder.path, spec, root=folder.root)
     final = {"escape": result.summary(), "curve": [[row["step"], row["loss"]] for row in result.history]}
     if settle and result.status != "diverged":

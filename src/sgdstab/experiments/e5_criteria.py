@@ -17,19 +17,25 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
+    FolderTask,
     Progress,
     TrainSpec,
-    execute,
     no_progress,
+    run_stage,
     run_training,
     spec_config,
 )
+from sgdstab.io import RunFolder
 from sgdstab.problem import Problem
 from sgdstab.stability import STABILITY_CRITERIA, criteria_of_kind, simulate_linearized_sgd
+
+if TYPE_CHECKING:
+    from sgdstab.sweeps import Executor
 
 NAME = "E5"
 TITLE = "Stability criteria side by side"
@@ -93,10 +99,26 @@ def default_config(scale: str) -> Config:
     return preset(scale, quick, full)
 
 
-def run(config: Config, root: str | os.PathLike, progress: Progress = no_progress) -> dict:
-    records = []
-    for index, minimum in enumerate(config.minima):
-        progress(f"{NAME} {minimum.label}", index, len(config.minima))
+def run(
+    config: Config,
+    root: str | os.PathLike,
+    progress: Progress = no_progress,
+    executor: Executor | None = None,
+) -> dict:
+    """Every minimum, with its criteria, as an independent run (on ``executor``; None: here, in order)."""
+    records = run_stage(tasks(config, root), executor, progress)
+    progress(NAME, len(records), len(records))
+    return save_analysis(root, NAME, analyse(records, config))
+
+
+def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
+    """One run per minimum: train to it, then evaluate every criterion there."""
+    settings = {
+        k: to_dict(config)[k]
+        for k in ("batch_sizes", "simulation_steps", "simulation_chains", "bisection_steps")
+    }
+    units = []
+    for minimum in config.minima:
         sgd = minimum.batch_size is not None
         spec = TrainSpec(
             data=config.data,
@@ -111,24 +133,19 @@ def run(config: Config, root: str | os.PathLike, progress: Progress = no_progres
             device=config.device,
             dtype=config.dtype,
         )
-        settings = {
-            k: to_dict(config)[k]
-            for k in ("batch_sizes", "simulation_steps", "simulation_chains", "bisection_steps")
-        }
-        records.append(
-            execute(
-                root,
+        units.append(
+            FolderTask(
+                os.fspath(root),
                 NAME,
                 minimum.label.replace(" ", "-"),
                 spec_config(spec, minimum_label=minimum.label, **settings),
                 functools.partial(_criteria, spec=spec, config=config),
             )
         )
-    progress(NAME, len(config.minima), len(config.minima))
-    return save_analysis(root, NAME, analyse(records, config))
+    return units
 
 
-def _criteria(folder, spec: TrainSpec, config: Config) -> dict:
+def _criteria(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
     problem, result = run_training(folder.path, spec)
     final = {"train": result.summary()}
     if result.status != "converged":
