@@ -87,7 +87,7 @@ class Config:
 def default_config(scale: str) -> Config:
     # From GD's minimum at lr 0.02 (||H||_F ~ 61-64, mu ~ 0.95 on seeds 0-1), the bounds of eta 0.04
     # and 0.08 and of (0.02, B = 1) lie below the start, those of (0.02, B >= 4) 1.6-2.4 x above it;
-    # eta 0.08 with B <= 2 diverges (from a start, SGD diverges once the bound is under ~0.4 x its ||H||_F).
+    # (0.04, 1), (0.08, 1) and (0.08, 2) diverge (from a start, SGD diverges once the bound is under ~0.4 x its ||H||_F).
     # Pilot: docs/reproduction-notes.md (E2 sections).
     quick = Config(
         data=quick_data(n=250),
