@@ -303,6 +303,21 @@ def test_e2_from_a_common_start_settles_at_its_bounds_with_slope_one():
     assert "slope 1.00" in checks[3]["detail"]
 
 
+def test_e2_a_start_just_under_its_bound_may_leave():
+    # Bound 12 = 1.2 x the start's 10: the bound is necessary for stability, not sufficient, so the
+    # run may leave (the pilot's did); only bounds above stay_margin (1.5) x the start must stay.
+    near_critical = e2_record(1 / 12, 6.0)
+    checks = e2_checks([*e2_records(), near_critical])
+    assert [c["holds"] for c in checks] == [True] * 5
+    assert checks[4]["detail"].startswith("1/1 stayed")
+    tight = e2_frobenius_bound.analyse(
+        [*e2_records(), near_critical],
+        dataclasses.replace(e2_frobenius_bound.default_config("quick"), start_lr=0.01, stay_margin=1.1),
+        E2_START,
+    )
+    assert tight["checks"][4]["holds"] is False
+
+
 @pytest.mark.parametrize(
     ("records", "failing"),
     [

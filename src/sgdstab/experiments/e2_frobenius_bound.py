@@ -13,7 +13,7 @@ stability edge). Diverged runs are kept and marked: they are SGD refusing a too-
 From a common start, three more checks: the runs whose bound (with the start's mu) lies below the
 start settle with ||H||_F / bound in ``ratio_band``; over them the log-log slope of ||H||_F
 against sqrt(B)/eta lies in ``slope_band`` (least squares, with a 2-standard-error interval); the
-runs whose bound lies above the start stay within ``stay_tolerance`` of its ||H||_F.
+runs whose bound lies above ``stay_margin`` x the start stay within ``stay_tolerance`` of its ||H||_F.
 """
 
 from __future__ import annotations
@@ -83,14 +83,25 @@ class Config:
     ratio_band: tuple[float, float] = (0.5, 1.0)
     slope_band: tuple[float, float] = (0.7, 1.3)
     stay_tolerance: float = 0.2
+    # The bound is necessary for linear stability, not sufficient: a start just under its bound can
+    # still be unstable and leave (pilot: bounds 1.17 x the start's ||H||_F left to 0.74-0.92 of it),
+    # so only runs whose bound exceeds the start's ||H||_F by this factor are held to staying.
+    stay_margin: float = 1.5
 
 
 def default_config(scale: str) -> Config:
+    # From GD's minimum at lr 0.02 (||H||_F ~ 61-64, mu ~ 0.95 on seeds 0-1), the bounds of eta 0.04
+    # and 0.08 and of (0.02, B = 1) lie below the start, those of (0.02, B >= 4) 1.6-2.4 x above it;
+    # (0.04, 1), (0.08, 1) and (0.08, 2) diverge (from a start, SGD diverges once the bound is under ~0.4 x its ||H||_F).
+    # Pilot: docs/reproduction-notes.md (E2 sections).
     quick = Config(
-        data=quick_data(),
-        model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}),
-        lrs=(0.02, 0.04, 0.06, 0.08),
-        batch_sizes=(1, 4, 16),
+        data=quick_data(n=250),
+        model=ModelConfig("mlp", {"width": 128, "activation": "tanh"}),
+        lrs=(0.02, 0.04, 0.08),
+        batch_sizes=(1, 2, 4, 8),
+        max_steps=20_000,
+        start_lr=0.02,
+        start_warmup_steps=4000,
     )
     full = Config(
         data=full_data(),
@@ -273,12 +284,13 @@ def start_checks(converged: list[dict], start: dict | None, config: Config) -> l
         f"[{config.ratio_band[0]:g}, {config.ratio_band[1]:g}]",
         f"log-log slope of ||H||_F against sqrt(B)/eta over those runs in "
         f"[{config.slope_band[0]:g}, {config.slope_band[1]:g}]",
-        f"runs whose bound lies above the start stay within {config.stay_tolerance:.0%} of its ||H||_F",
+        f"runs whose bound lies above {config.stay_margin:g} x the start's ||H||_F stay within "
+        f"{config.stay_tolerance:.0%} of it",
     )
     if start is None:
         return [check(claim, None, "GD did not reach the common start") for claim in claims]
     binding = [r for r in converged if r["binding"]]
-    free = [r for r in converged if not r["binding"]]
+    free = [r for r in converged if r["start_bound"] >= config.stay_margin * start["frobenius"]]
     low, high = config.ratio_band
     inside = [r for r in binding if low <= r["ratio"] <= high]
     ratios = ", ".join(f"eta={r['lr']:g} B={r['batch_size']}: {r['ratio']:.2f}" for r in binding)
@@ -307,6 +319,6 @@ def start_checks(converged: list[dict], start: dict | None, config: Config) -> l
         f"{len(free) - len(moved)}/{len(free)} stayed; ||H||_F / start: "
         + ", ".join(f"{r['frobenius'] / start['frobenius']:.2f}" for r in free)
         if free
-        else "every converged run had its bound below the start",
+        else f"no converged run had its bound above {config.stay_margin:g} x the start",
     )
     return [settle, slope, stay]
