@@ -262,6 +262,28 @@ def test_e4_verdicts_follow_the_measured_rate(measured_rate, verdicts, supported
     assert analysis["supported_prediction"] == supported
 
 
+def test_e4_a_mean_carried_by_one_run_leaves_the_exact_rate_undecided():
+    """A miss of log rho(T) fails on light-tailed runs; with one run holding most of the summed
+    loss the sample mean no longer estimates E[loss], so the same miss is undecided."""
+    config = dataclasses.replace(
+        e4_escape.default_config("quick"), fit_start=5, fit_max_loss=1.0, bootstrap=50
+    )
+    curves = escape_curves(rate=0.05, transient_rate=0.8, transient_steps=4, runs=300)
+    minimum = e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1)
+
+    def exact_check(runs):
+        escapes = [{"curve": curve, "escape": {"status": "max_steps"}} for curve in runs]
+        analysis = e4_escape.analyse(minimum, escapes, config)
+        return analysis["measured"]["top_share"], analysis["checks"][0]
+
+    share, light = exact_check(curves)
+    assert share < 0.05 and light["holds"] is False
+    # One run 1000 times above the others at every step: same slope, but it holds ~77% of the sum.
+    carried = [[[step, loss * 1000] for step, loss in curves[0]], *curves[1:]]
+    share, heavy = exact_check(carried)
+    assert share > 0.7 and heavy["holds"] is None and "one run carries the mean" in heavy["detail"]
+
+
 # ------------------------------------------------------------------------------------- E2: from a common sharp start
 E2_START = {"train": {"status": "converged"}, "curvature": {"frobenius": 10.0, "mu": 1.0}}
 BINDING_LRS = (0.125, 0.2, 0.25, 0.4)  # bounds 1/eta = 8, 5, 4, 2.5 (B = 1, mu = 1) below the start's 10

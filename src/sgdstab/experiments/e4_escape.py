@@ -30,7 +30,6 @@ from sgdstab.experiments.config import (
     ModelConfig,
     full_data,
     preset,
-    quick_data,
     to_dict,
 )
 from sgdstab.experiments.runs import (
@@ -86,6 +85,9 @@ class Config:
     fit_max_loss: float = 1e-2  # the slope is fitted while the mean loss is below this (linear regime)
     fit_start: int = 5  # steps of transient left out of the fit: the rate is asymptotic only after it
     rate_tolerance: float = 0.1  # the measured rate must match log rho(T) to within this fraction
+    # Above this share of the summed loss in one run, the mean over runs no longer estimates E[loss]
+    # (heavy tail: it is biased low and jumps), and a miss of log rho(T) is left undecided.
+    max_top_share: float = 0.5
     bootstrap: int = 200  # resamples of the runs for the standard error of the measured slope
     settle_steps: int = 10_000
     settle_loss_goal: float = 2e-4
@@ -104,9 +106,20 @@ def validate(config: Config) -> None:
 
 
 def default_config(scale: str) -> Config:
-    # n = 250: GD minima are sharper at smaller n (E3), and the escape needs one sharper than SGD tolerates.
+    # Centred 0-vs-1 digits (n = 289, all of the train split): per-step escape rates ~0.2 keep the
+    # linear regime ~25 steps long and the runs' losses light-tailed enough for ~100 runs to
+    # measure log E[loss] (docs/reproduction-notes.md, E4). MNIST n = 250 at q = 2 was neither.
     quick = Config(
-        data=quick_data(n=250), model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}), gd_lr=0.03
+        data=DataConfig(name="digits", n=289, classes=(0, 1), targets="pm1", normalize="center"),
+        model=ModelConfig("mlp", {"width": 64, "activation": "tanh"}),
+        gd_lr=0.151,  # 1 / lambda_max at initialisation
+        gd_max_steps=60_000,  # seeds 1 and 2 reach 3e-5 after 40k steps (4.3e-5, 3.9e-5 there)
+        gd_loss_goal=3e-5,
+        gd_eval_every=50,
+        escape_factor=1.5,
+        repeats=1024,
+        linearized_chains=2000,
+        fit_start=8,
     )
     full = Config(
         data=full_data(),
@@ -302,7 +315,8 @@ def escape_rate(
     """Slope of log(mean loss over runs) per step from ``start`` to the end of the linear regime.
 
     Its standard error is a bootstrap over runs (the mean of exponentially growing runs is
-    heavy-tailed, so few runs scatter). The first steps are a transient: log E[loss] grows at the asymptotic rate log rho(T) only
+    heavy-tailed, so few runs scatter); ``top_share`` is the largest share of the summed loss one
+    run holds over the fitted steps. The first steps are a transient: log E[loss] grows at the asymptotic rate log rho(T) only
     once the residual's second moment has turned towards T's top eigenmatrix (SPEC.md 4.1, E4).
     """
     length = min(len(curve) for curve in curves)
@@ -311,6 +325,9 @@ def escape_rate(
     start = min(start, max(length - 2, 0))
     end = fit_window(log_mean, max_loss, start)
     rng = np.random.default_rng(seed)
+    # The largest run's share of the summed loss: the sample mean of a heavy-tailed loss tracks
+    # E[loss] only while no single run carries it.
+    top_share = float((losses[:, start:end].max(axis=0) / losses[:, start:end].sum(axis=0)).max())
     resampled = [
         slope(np.log(losses[rng.integers(0, len(losses), len(losses)), start:end].mean(axis=0)))
         for _ in range(bootstrap)
@@ -321,6 +338,7 @@ def escape_rate(
         "fit_start": start,
         "fitted_steps": end - start,
         "fit_end": end,
+        "top_share": top_share,
         "log_mean_loss": log_mean.tolist(),
     }
 
@@ -361,18 +379,27 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
     gd_stable = minimum["sgd_lr"] <= minimum["thresholds"]["gd"]
     supported = "exact log rho(T)" if abs(rate - exact) <= abs(rate - predicted) else "the paper's estimate"
     # Within the tolerance: holds; off by more than the tolerance plus two standard errors: fails;
-    # in between the chains are too few to tell.
+    # in between, or when one run carries the mean (whose log then lags log E[loss]), the runs are
+    # too few to tell.
     miss = abs(rate - exact) - config.rate_tolerance * abs(exact)
+    top_share = measured["top_share"]
+    heavy_tail = top_share > config.max_top_share
     exact_check = check(
         claim_exact,
-        True if miss <= 0 else (False if miss > 2 * stderr else None),
+        True if miss <= 0 else (False if miss > 2 * stderr and not heavy_tail else None),
         f"measured {rate:.3f} +- {stderr:.3f} per step ({len(escapes)} SGD runs, steps {measured['fit_start']} to "
         f"{measured['fit_end']}, relative 95% CI +-{2 * stderr / abs(rate):.0%}) against exact log rho(T) = "
         f"{exact:.3f} (ratio {rate / exact:.3f}) and the paper's log(eta^2 p_B mu ||H||_F^2) = {predicted:.3f} "
         f"(mu = {minimum['curvature']['mu']:.3g}; ratio {rate / predicted:.3f}): the data support {supported}. "
         f"Linearised SGD ({config.linearized_chains} chains), same window: {linearized:.3f}. SGD eta = "
         f"{minimum['sgd_lr']:.4g}, B = {config.batch_size}; GD at this eta would {'stay' if gd_stable else 'also leave'} "
-        f"(2/lambda_max = {minimum['thresholds']['gd']:.4g})",
+        f"(2/lambda_max = {minimum['thresholds']['gd']:.4g}). Largest run's share of the mean loss in the window: "
+        f"{top_share:.0%}"
+        + (
+            f" (> {config.max_top_share:.0%}: one run carries the mean, too few runs for E[loss])"
+            if heavy_tail
+            else ""
+        ),
     )
     # "At least": fails only when the measured rate is below the bound by more than two standard errors.
     rigorous_check = check(
