@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
+from sgdstab.experiments.config import to_dict
 from sgdstab.io import write_json_atomic
 from sgdstab.problem import Problem
 from sgdstab.stability import StabilityResult, stability
@@ -29,6 +31,19 @@ def overall(checks: list[dict]) -> bool | None:
     if False in verdicts:
         return False
     return None if None in verdicts else True
+
+
+def verdict(experiment: str, title: str, claim: str, checks: list[dict], config: Any, **details: Any) -> dict:
+    """A recipe's analysis: what it tested, its checks and overall verdict, its config, and its data."""
+    return {
+        "experiment": experiment,
+        "title": title,
+        "claim": claim,
+        "holds": overall(checks),
+        "checks": checks,
+        "config": to_dict(config),
+        **details,
+    }
 
 
 def save_analysis(root: str | os.PathLike, experiment: str, analysis: dict) -> dict:

@@ -32,7 +32,7 @@ from torch import Tensor
 from sgdstab.alignment import alignment
 from sgdstab.data import DatasetNotFoundError
 from sgdstab.errors import InputError
-from sgdstab.experiments.analysis import check, overall, save_analysis
+from sgdstab.experiments.analysis import check, save_analysis, verdict
 from sgdstab.experiments.config import (
     FULL_MODELS,
     DataConfig,
@@ -340,27 +340,22 @@ def analyse(records: list[dict], config: Config, multiclass: list[dict] | None =
         multiclass or [], config, measured
     )
     checks += multiclass_checks
-    return {
-        "experiment": NAME,
-        "title": TITLE,
-        "claim": CLAIM,
-        "holds": overall(checks),
-        "checks": checks,
-        "config": to_dict(config),
-        "rows": rows,
-        "multiclass_rows": multiclass_rows,
-        "multiclass_skipped": [
-            {
-                "data": r["data"]["name"],
-                "n": r["data"]["n"],
-                "family": r["family_label"],
-                "reason": r["reason"],
-            }
-            for r in multiclass or []
-            if r.get("skipped")
-        ],
-        "normalisation": normalisation,
-    }
+    skipped = [
+        {"data": r["data"]["name"], "n": r["data"]["n"], "family": r["family_label"], "reason": r["reason"]}
+        for r in multiclass or []
+        if r.get("skipped")
+    ]
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        rows=rows,
+        multiclass_rows=multiclass_rows,
+        multiclass_skipped=skipped,
+        normalisation=normalisation,
+    )
 
 
 #: C mu is taken to be the order-one normalisation when every measurement lies in this range.

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from scipy.stats import linregress, spearmanr
 
-from sgdstab.experiments.analysis import check, overall, save_analysis
+from sgdstab.experiments.analysis import check, save_analysis, verdict
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -264,17 +264,16 @@ def analyse(records: list[dict], config: Config, start: dict | None = None) -> d
     checks = [bound_check, trend_check]
     if start is not None:
         checks += start_checks(converged, start_curvature, config)
-    return {
-        "experiment": NAME,
-        "title": TITLE,
-        "claim": CLAIM,
-        "holds": overall(checks),
-        "checks": checks,
-        "config": to_dict(config),
-        "rows": rows,
-        "fraction_below": len(below) / len(converged) if converged else None,
-        "start": None if start is None else {"train": start["train"], "curvature": start_curvature},
-    }
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        rows=rows,
+        fraction_below=len(below) / len(converged) if converged else None,
+        start=None if start is None else {"train": start["train"], "curvature": start_curvature},
+    )
 
 
 def start_checks(converged: list[dict], start: dict | None, config: Config) -> list[dict]:

@@ -32,7 +32,7 @@ import torch
 
 from sgdstab.alignment import alignment
 from sgdstab.estimators import top_eigenvalues
-from sgdstab.experiments.analysis import check, overall, save_analysis
+from sgdstab.experiments.analysis import check, save_analysis, verdict
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -332,19 +332,18 @@ def analyse(records: list[dict], config: Config, scan: dict | None = None) -> di
             for arm in sgd_arms
         ),
     ]
-    return {
-        "experiment": NAME,
-        "title": TITLE,
-        "claim": CLAIM,
-        "holds": overall(checks),
-        "checks": checks,
-        "config": to_dict(config),
-        "rows": rows,
-        "scan": scan,
-        "lr": lr,
-        "gd_limit": 2 / lr if lr else None,
-        "spread": {arm: widths_summary(rows, arm) for arm in (GD, *sgd_arms)},
-    }
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        rows=rows,
+        scan=scan,
+        lr=lr,
+        gd_limit=2 / lr if lr else None,
+        spread={arm: widths_summary(rows, arm) for arm in (GD, *sgd_arms)},
+    )
 
 
 def _seed_rows(rows: list[dict], seed: int) -> list[dict]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sgdstab.errors import InputError
-from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
+from sgdstab.experiments.analysis import check, quiet_stability, save_analysis, verdict
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -344,13 +344,7 @@ def escape_rate(
 
 
 def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
-    analysis: dict[str, Any] = {
-        "experiment": NAME,
-        "title": TITLE,
-        "claim": CLAIM,
-        "config": to_dict(config),
-        "minimum": minimum,
-    }
+    analysis: dict[str, Any] = {"minimum": minimum}
     claim_exact = (
         f"after the transient the log mean loss grows at the exact linearised rate log rho(T) "
         f"(within {config.rate_tolerance:.0%})"
@@ -363,7 +357,7 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
             check(claim_rigorous, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
             check(claim_settle, None, "no escape was run"),
         ]
-        return {**analysis, "holds": overall(checks), "checks": checks}
+        return verdict(NAME, TITLE, CLAIM, checks, config, **analysis)
 
     measured = escape_rate(
         [record["curve"] for record in escapes],
@@ -426,13 +420,16 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
         )
         analysis["settled_bound"] = bound
     checks = [exact_check, rigorous_check, settle_check]
-    return {
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
         **analysis,
-        "supported_prediction": supported,
-        "holds": overall(checks),
-        "checks": checks,
-        "measured": measured,
-        "linearized_rate": linearized,
-        "curves": [record["curve"] for record in escapes],
-        "settled": settled,
-    }
+        supported_prediction=supported,
+        measured=measured,
+        linearized_rate=linearized,
+        curves=[record["curve"] for record in escapes],
+        settled=settled,
+    )

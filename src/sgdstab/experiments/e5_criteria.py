@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sgdstab.experiments.analysis import check, overall, quiet_stability, save_analysis
+from sgdstab.experiments.analysis import check, quiet_stability, save_analysis, verdict
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
     FolderTask,
@@ -219,15 +219,14 @@ def analyse(records: list[dict], config: Config) -> dict:
     unconverged = [r["config"]["minimum_label"] for r in records if r["train"]["status"] != "converged"]
     if not rows:
         checks = [check("ordering", None, f"no minimum was reached ({', '.join(unconverged)})")]
-        return {
-            "experiment": NAME,
-            "title": TITLE,
-            "claim": CLAIM,
-            "holds": None,
-            "checks": checks,
-            "config": to_dict(config),
-            "rows": rows,
-        }
+        return verdict(
+            NAME,
+            TITLE,
+            CLAIM,
+            checks,
+            config,
+            rows=rows,
+        )
 
     def below_all(row: dict) -> bool:
         # Relative slack for the rounding of two eigen-solvers computing the same number.
@@ -260,13 +259,12 @@ def analyse(records: list[dict], config: Config) -> dict:
             f"{sufficient}/{len(rows)} cases",
         ),
     ]
-    return {
-        "experiment": NAME,
-        "title": TITLE,
-        "claim": CLAIM,
-        "holds": overall(checks),
-        "checks": checks,
-        "config": to_dict(config),
-        "rows": rows,
-        "unconverged": unconverged,
-    }
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        rows=rows,
+        unconverged=unconverged,
+    )
