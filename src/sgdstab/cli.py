@@ -25,7 +25,6 @@ import json
 import math
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,24 +67,9 @@ def main(
         torch.set_num_threads(threads)
 
 
-#: Builtin exceptions that sgdstab modules not yet converted to ``sgdstab.errors`` still raise for
-#: a bad input; they count as the user's only when raised inside sgdstab (see ``_is_user_error``).
-_UNCONVERTED = (ValueError, FileNotFoundError, MemoryError)
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
 def _is_user_error(err: BaseException) -> bool:
-    """A SgdstabError, or an unconverted builtin one raised by sgdstab's own code.
-
-    A ValueError raised in a user's ``--problem`` module, torch or numpy is a bug and keeps its
-    traceback, so it is attributed to the code that raised it.
-    """
-    if isinstance(err, SgdstabError):
-        return True
-    if not isinstance(err, _UNCONVERTED):
-        return False
-    frames = traceback.extract_tb(err.__traceback__)
-    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_DIR)
+    """Exactly the errors a user can fix (``SgdstabError``); anything else is a bug and keeps its traceback."""
+    return isinstance(err, SgdstabError)
 
 
 @contextlib.contextmanager
