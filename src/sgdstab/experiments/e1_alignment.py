@@ -48,6 +48,7 @@ from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
     no_progress,
+    recipe_spec,
     run_stage,
     run_training,
     spec_config,
@@ -275,7 +276,8 @@ def _train_measuring_outputs(folder: RunFolder, spec: TrainSpec, config: Config)
 def _spec(
     config: Config, data: DataConfig, family: ModelConfig, lr: float, steps: int, every: int
 ) -> TrainSpec:
-    return TrainSpec(
+    return recipe_spec(
+        config,
         data=data,
         model=family,
         lr=lr,
@@ -284,9 +286,6 @@ def _spec(
         max_steps=steps,
         loss_goal=config.loss_goal,
         measure_every=every,
-        seed=config.seed,
-        device=config.device,
-        dtype=config.dtype,
     )
 
 

@@ -42,6 +42,7 @@ from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
     no_progress,
+    recipe_spec,
     run_stage,
     spec_config,
     train_and_measure,
@@ -136,17 +137,13 @@ def common_start_task(config: Config, root: str | os.PathLike) -> FolderTask | N
     """GD to the common sharp start of every grid run (None without ``start_lr``)."""
     if config.start_lr is None:
         return None
-    start_spec = TrainSpec(
-        data=config.data,
-        model=config.model,
+    start_spec = recipe_spec(
+        config,
         lr=config.start_lr,
         batch_size=None,
         max_steps=config.start_max_steps,
         loss_goal=config.start_loss_goal,
         eval_every=config.start_eval_every,
-        seed=config.seed,
-        device=config.device,
-        dtype=config.dtype,
     )
     work = functools.partial(_train_measure_and_name_folder, spec=start_spec, measure=config.measure)
     run_config = spec_config(start_spec, measure=to_dict(config.measure))
@@ -164,17 +161,13 @@ def grid_tasks(config: Config, root: str | os.PathLike, start: dict | None) -> l
     units = []
     for lr, batch_size in grid:
         label = f"lr{lr:g}-B{batch_size}"
-        spec = TrainSpec(
-            data=config.data,
-            model=config.model,
+        spec = recipe_spec(
+            config,
             lr=lr,
             batch_size=batch_size,
             sampling=config.sampling,
             max_steps=config.max_steps,
             loss_goal=config.loss_goal,
-            seed=config.seed,
-            device=config.device,
-            dtype=config.dtype,
             init_from=None if start is None else start["folder"],
         )
         run_config = spec_config(spec, measure=to_dict(config.measure), **_warmup_entry(config, start))

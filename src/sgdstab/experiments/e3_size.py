@@ -47,6 +47,7 @@ from sgdstab.experiments.runs import (
     TrainSpec,
     build,
     no_progress,
+    recipe_spec,
     run_stage,
     run_training,
     spec_config,
@@ -127,7 +128,8 @@ def _model_spec(
     config: Config, width: int, n: int, seed: int, lr: float, batch_size: int | None
 ) -> TrainSpec:
     sgd = batch_size is not None
-    return TrainSpec(
+    return recipe_spec(
+        config,
         data=dataclasses.replace(config.data, n=n),
         model=dataclasses.replace(config.model, kwargs={**config.model.kwargs, config.width_key: width}),
         lr=lr,
@@ -137,8 +139,6 @@ def _model_spec(
         loss_goal=config.loss_goal,
         eval_every=None if sgd else config.gd_eval_every,
         seed=seed,
-        device=config.device,
-        dtype=config.dtype,
     )
 
 

@@ -37,6 +37,7 @@ from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
     no_progress,
+    recipe_spec,
     run_stage,
     run_training,
     spec_config,
@@ -154,17 +155,13 @@ def run(
 
 
 def _gd_spec(config: Config) -> TrainSpec:
-    return TrainSpec(
-        data=config.data,
-        model=config.model,
+    return recipe_spec(
+        config,
         lr=config.gd_lr,
         batch_size=None,
         max_steps=config.gd_max_steps,
         loss_goal=config.gd_loss_goal,
         eval_every=config.gd_eval_every,
-        seed=config.seed,
-        device=config.device,
-        dtype=config.dtype,
     )
 
 
@@ -189,9 +186,8 @@ def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list
     """The SGD escapes from ``minimum`` (the GD run's record), one per repeat; the first also settles."""
     units = []
     for repeat in range(config.repeats):
-        spec = TrainSpec(
-            data=config.data,
-            model=config.model,
+        spec = recipe_spec(
+            config,
             lr=minimum["sgd_lr"],
             batch_size=config.batch_size,
             sampling=config.sampling,
@@ -199,8 +195,6 @@ def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list
             loss_goal=None,
             eval_every=1,
             seed=config.seed + 1 + repeat,
-            device=config.device,
-            dtype=config.dtype,
             init_from=minimum["folder"],  # relative to root: a moved suite resumes
         )
         # Repeat 0 also trains on until SGD converges again, and measures where it settled.

@@ -26,6 +26,7 @@ from sgdstab.experiments.runs import (
     Progress,
     TrainSpec,
     no_progress,
+    recipe_spec,
     run_stage,
     run_training,
     spec_config,
@@ -120,18 +121,14 @@ def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
     units = []
     for minimum in config.minima:
         sgd = minimum.batch_size is not None
-        spec = TrainSpec(
-            data=config.data,
-            model=config.model,
+        spec = recipe_spec(
+            config,
             lr=minimum.lr,
             batch_size=minimum.batch_size,
             sampling=config.sampling,
             max_steps=config.max_steps,
             loss_goal=config.loss_goal,
             eval_every=None if sgd else config.eval_every,
-            seed=config.seed,
-            device=config.device,
-            dtype=config.dtype,
         )
         units.append(
             FolderTask(

@@ -178,6 +178,18 @@ class FolderTask(RunTask):
         return try_execute(self.root, self.experiment, self.label, self.config, self.work)
 
 
+def recipe_spec(config: Any, **fields: Any) -> TrainSpec:
+    """A TrainSpec on the data, model, seed, device and dtype a recipe config has; ``fields`` set
+    the rest (the learning rate, batch size, step caps) and may override those.
+    """
+    shared = {
+        name: getattr(config, name)
+        for name in ("data", "model", "seed", "device", "dtype")
+        if hasattr(config, name)
+    }
+    return TrainSpec(**{**shared, **fields})
+
+
 def run_stage(
     tasks: Sequence[FolderTask], executor: Executor | None = None, progress: Progress = no_progress
 ) -> list[dict]:
