@@ -125,3 +125,11 @@ def test_train_accepts_0d_tensors_and_refuses_bools_where_a_count_is_meant():
         train(model, inputs, targets, 0.1, batch_size=True, max_steps=1)
     with pytest.raises(InputError, match="max_steps must be an integer >= 0"):
         train(model, inputs, targets, 0.1, max_steps=2.5)
+
+
+def test_an_lr_whose_square_overflows_is_refused_by_every_sgd_check():
+    # Review row 49: eta^2 enters T and every threshold; 1e300^2 is not a float.
+    for lr in (1e300, 1e155):
+        with pytest.raises(InputError, match="too large"):
+            check_sgd_arguments(10, lr, 2, "with_replacement")
+    assert check_sgd_arguments(10, 1e150, 2, "with_replacement") == (1e150, 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Collection
 from typing import Any, TypeVar
 
@@ -96,6 +97,9 @@ def check_choice(name: str, value: _Choice, choices: Collection[_Choice]) -> _Ch
     return value
 
 
+_LARGEST_SQUARABLE = math.sqrt(sys.float_info.max)
+
+
 def check_sgd_arguments(num_samples: int, lr: Any, batch_size: Any, sampling: str) -> tuple[float, int]:
     """Refuse a learning rate, batch size or sampling that SGD on ``num_samples`` samples cannot use.
 
@@ -106,6 +110,11 @@ def check_sgd_arguments(num_samples: int, lr: Any, batch_size: Any, sampling: st
         ``(lr, batch_size)`` as a Python float and int.
     """
     rate = check_positive_float("lr", lr)
+    if rate > _LARGEST_SQUARABLE:
+        # The second-moment map and every threshold use eta^2, which would overflow a float.
+        raise InputError(
+            f"lr={rate:g} is too large: eta^2 overflows a float (largest usable lr is about 1e154)"
+        )
     size = _as_python_number(batch_size)
     if not (_is_integer(size) and 1 <= size <= num_samples):
         raise InputError(f"batch_size must be an integer between 1 and n={num_samples}, got {batch_size!r}")

@@ -466,13 +466,7 @@ def stability(
             warnings.catch_warnings(record=True),
             console.status("analysing", spinner="dots") if not as_json else contextlib.nullcontext(),
         ):
-            try:
-                result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
-            except OverflowError:
-                raise InputError(
-                    f"--lr {lr:g} is too large: eta^2 times the curvature overflows a float; "
-                    "SGD at this learning rate diverges at any minimum with curvature"
-                ) from None
+            result = linear_stability(loaded, lr=lr, batch_size=batch_size, sampling=sampling)
     data = dataclasses.asdict(result)
     if not as_json:
         data.update({f"threshold {k}": v for k, v in data.pop("thresholds").items()})
