@@ -254,6 +254,12 @@ def main() -> None:
             if run["measurements"] and not args.skip_measurements:
                 entry["seconds_per_measurement"] = time_measurement(model, x, y, configs["E1"], args.device)
             timed[key] = entry
+            # Progress per timed unit: a run cut short by its time limit still shows what it measured.
+            print(
+                f"timed {run['experiment']} {data.name} {model_config.title} B={batch}: "
+                f"{1000 * per_step:.2f} ms/step, {entry.get('seconds_per_measurement', 0.0):.2f} s/measurement",
+                flush=True,
+            )
         entry = timed[key]
         seconds = run["count"] * (
             run["steps"] * entry["seconds_per_step"]
