@@ -81,14 +81,25 @@ ReturnToService=2
 MinJobAge=3600
 MaxArraySize=1001
 KillWait=1
+# Preemption as on a real cluster: a job of partition urgent (higher PriorityTier) preempts jobs of
+# debug. Each gets the signal of its --signal (submitit: USR2@90) at once (preempt_send_user_signal);
+# one that has not requeued itself GraceTime seconds later is killed and requeued by SLURM.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
 NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus RealMemory=$((memory / 2)) State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2
 CONF
 export SLURM_CONF="$DIR/slurm.conf"
 
 # submitit reads job states only from sacct; without slurmdbd, sacct fails and a killed or
 # cancelled job would never count as done. This sacct answers from squeue (MinJobAge keeps
 # finished jobs listed for an hour) in the `JobID|State|NodeList` --parsable2 form submitit reads.
+# squeue names a job by a passing flag where one is set (SIGNALING while a preemption's USR2 is
+# delivered, CONFIGURING, ...); sacct, like this stand-in, gives the state beneath it. submitit
+# takes any state it does not know for finished and stops waiting for the job's result, so a
+# preempted job seen while SIGNALING would count as failed.
 cat > "$DIR/bin/sacct" <<'SHIM'
 #!/usr/bin/env bash
 ids=()
@@ -102,7 +113,11 @@ done
 echo "JobID|State|NodeList"
 [ ${#ids[@]} -eq 0 ] && exit 0
 joined=$(IFS=,; echo "${ids[*]}")
-exec squeue -h -r -t all -j "$joined" -o '%i|%T|%N' 2>/dev/null || true
+squeue -h -r -t all -j "$joined" -o '%i|%T|%N' 2>/dev/null | awk -F'|' -v OFS='|' '
+  $2 ~ /^(SIGNALING|CONFIGURING|RESIZING|STAGE_OUT)$/ { $2 = "RUNNING" }
+  $2 ~ /^(REQUEUE_FED|REQUEUE_HOLD)$/ { $2 = "REQUEUED" }
+  { print }'
+exit 0
 SHIM
 chmod 755 "$DIR/bin/sacct"
 

@@ -282,7 +282,10 @@ class SubmititExecutor:
     ``time_min`` minutes, ``mem_gb`` memory (None: the partition's default), at most
     ``array_parallelism`` jobs at once. ``folder`` holds submitit's job files and logs; use a
     fresh one per cluster (SLURM job ids restart at 1 with a new cluster, and submitit would read
-    an old job's result). A job preempted or out of time is requeued up to ``max_requeues`` times.
+    an old job's result). On SLURM's USR2 (submitit asks for it 90 s before the time limit; a
+    cluster with ``preempt_send_user_signal`` also sends it at preemption) a job requeues itself
+    and its rerun resumes the run: a preempted job every time, a timed-out one up to
+    ``max_requeues`` times (submitit takes every USR2 for a time-out when ``time_min <= 10``).
     """
 
     folder: str

@@ -3,10 +3,19 @@
 Plain `pytest` does not collect this folder (pyproject's addopts ignore it). Without a cluster the
 tests fail with the reason: `make test-slurm` never passes by skipping.
 
-One job of the array is requeued by `scontrol requeue` in the middle of its run (SLURM restarts
-it from scratch: it must resume from its run folder's checkpoint); the results must equal the
-local executor's, bit for bit. (Preemption by USR2, submitit's Checkpointable path, is not run
-here: on this loopback cluster the requeued job was reported FAILED by the `sacct` stand-in.)
+In the sweep's job array, two running jobs are preempted by SLURM itself (a job of the
+higher-priority partition `urgent` needs the node): each gets USR2, the signal submitit's
+`--signal=USR2@90` asks for before preemption or the time limit, and submitit's Checkpointable
+path requeues it. Another job is requeued by `scontrol requeue` (SLURM restarts it from scratch).
+Each must resume from its run folder's checkpoint, and the results must equal the local
+executor's, bit for bit, with no run lost or trained twice (a restarted run has two attempts).
+
+The USR2 comes from SLURM's preemption, not from `scancel --signal USR2` (nor submitit's
+`job._interrupt()`, which calls it): aimed at a task of an array with pending tasks, scancel
+retries every 5, 6, 7... s until the job is running again and then signals the requeued job's
+new start before submitit's handler is in place, which kills it (FAILED). A real time limit is
+not tested: SLURM sends the `--signal` from a check every 30 s, up to 30 s before it is due, so
+a run would have to last a minute to be caught mid-run; the signal and its handling are the same.
 """
 
 import shutil
@@ -17,16 +26,28 @@ from pathlib import Path
 import pytest
 
 from sgdstab.experiments import reproduce
+from sgdstab.experiments.runs import ATTEMPTS_FILE
 from sgdstab.io import read_json, read_jsonl
 from sgdstab.sweeps import LocalExecutor, SubmititExecutor, sweep_tasks
 
-GRID = {"lr": [0.05, 0.1], "batch_size": [4, 16]}
-FIXED = {"n": 40, "model_args": {"width": 8, "activation": "tanh"}, "max_steps": 20000, "loss_goal": None}
+# Three short runs and a long one (about 1 ms a step on one core). A preempted job gets USR2
+# within a second of the urgent job's submission: 4000 steps leave it mid-run. SLURM kills a job
+# that `scontrol requeue` restarts max(KillWait, 5) s after its SIGTERM, which submitit ignores:
+# the requeued run needs 20000 steps to be still unfinished by then.
+SHORT = {"batch_size": [4, 8, 16]}, {"lr": 0.05, "max_steps": 4000}
+LONG = {"batch_size": [4]}, {"lr": 0.1, "max_steps": 20000}
+FIXED = {"n": 40, "model_args": {"width": 8, "activation": "tanh"}, "loss_goal": None}
 WALL_CLOCK = ("wall_time_s", "resumed_from")
+#: How long a job may take to reach the middle of its run (a loaded 2-core machine is slow).
+PATIENCE_S = 240
 
 
 def tasks_in(root):
-    return sweep_tasks(root, GRID, checkpoint_every=20, **FIXED)
+    return [
+        task
+        for grid, settings in (SHORT, LONG)
+        for task in sweep_tasks(root, grid, checkpoint_every=200, **settings, **FIXED)
+    ]
 
 
 def outcome(root) -> dict:
@@ -49,39 +70,71 @@ def cluster():
     missing = [tool for tool in ("sbatch", "squeue", "scontrol", "sacct") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"no SLURM client tools {missing} on PATH: run these tests through `make test-slurm`")
-    state = slurm("sinfo", "-h", "-N", "-o", "%T").split()
-    if state != ["idle"]:
+    state = set(slurm("sinfo", "-h", "-N", "-o", "%T").split())  # the node, once per partition
+    if state != {"idle"}:
         pytest.fail(f"the SLURM node is {state}, not idle: is .ci/slurm-up.sh's cluster up?")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The sweep's runs on the local executor (2 workers: bit-identical to 1, tested in make test)."""
+    root = tmp_path_factory.mktemp("local")
+    LocalExecutor(jobs=2).run([tasks_in(root)])
+    return outcome(root)
 
 
 def mid_run(task) -> bool:
     return (task.path / "checkpoint.pt").exists() and not (task.path / "final.json").exists()
 
 
-def test_job_array_with_a_requeued_job_resumes_to_the_local_results(tmp_path):
-    LocalExecutor(jobs=1).run([tasks_in(tmp_path / "local")])
-    reference = outcome(tmp_path / "local")
+def await_mid_run(tasks, jobs) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    for task, job in zip(tasks, jobs, strict=True):
+        while not mid_run(task):
+            assert time.monotonic() < deadline, f"job {job.job_id} never reached the middle of its run"
+            assert not (task.path / "final.json").exists(), f"job {job.job_id} finished before it was caught"
+            time.sleep(0.05)
 
-    executor = SubmititExecutor(folder=str(tmp_path / "submitit"), cluster="slurm", time_min=30)
+
+def attempts(task) -> int:
+    return len(read_jsonl(task.path / ATTEMPTS_FILE))
+
+
+def test_preempted_and_requeued_jobs_resume_to_the_local_results(tmp_path, reference):
+    # Two jobs at a time, whatever the node's core count: the first two are preempted together.
+    executor = SubmititExecutor(
+        folder=str(tmp_path / "submitit"), cluster="slurm", time_min=30, array_parallelism=2
+    )
     tasks = tasks_in(tmp_path / "slurm")
     jobs = executor.submit(tasks)
     assert len({job.job_id.split("_")[0] for job in jobs}) == 1, "the runs were not one job array"
-    task, requeued = tasks[0], jobs[0]
-    deadline = time.monotonic() + 180
-    while not mid_run(task):
-        assert time.monotonic() < deadline, f"job {requeued.job_id} never reached the middle of its run"
-        assert not (task.path / "final.json").exists(), f"job {requeued.job_id} finished before it was caught"
-        time.sleep(0.05)
-    slurm("scontrol", "requeue", requeued.job_id)
+    preempted, requeued, untouched = [0, 1], [3], [2]  # tasks 0-2 are short, 3 is long
+
+    await_mid_run(tasks[:2], jobs[:2])
+    urgent = slurm(
+        "sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=1",
+        f"--output={tmp_path / 'urgent.out'}", "--wrap=sleep 1",
+    ).strip()  # fmt: skip
+    await_mid_run(tasks[3:], jobs[3:])
+    slurm("scontrol", "requeue", jobs[3].job_id)
 
     for job in jobs:
         job.result()
     assert outcome(tmp_path / "slurm") == reference
-    restarts = slurm("scontrol", "show", "job", requeued.job_id)
-    assert "Restarts=1" in restarts, f"job {requeued.job_id} was not restarted: {restarts}"
-    assert read_json(task.path / "final.json")["train"]["resumed_from"] > 0, (
-        f"job {requeued.job_id} started over instead of resuming"
-    )
+    assert "JobState=COMPLETED" in slurm("scontrol", "show", "job", urgent), "the urgent job did not run"
+    for task, job in [(tasks[i], jobs[i]) for i in preempted + requeued]:
+        restarts = slurm("scontrol", "show", "job", job.job_id)
+        assert "Restarts=1 " in restarts, f"job {job.job_id} was not restarted exactly once: {restarts}"
+        assert read_json(task.path / "final.json")["train"]["resumed_from"] > 0, (
+            f"job {job.job_id} started over instead of resuming"
+        )
+        assert attempts(task) == 2, f"job {job.job_id}: {attempts(task)} attempts at {task.path.name}, not 2"
+    for job in [jobs[i] for i in preempted]:
+        log = job.stderr() or ""
+        assert "Caught signal SIGUSR2" in log and "this job is preempted" in log, (
+            f"job {job.job_id} was not preempted by SLURM's USR2: {log}"
+        )
+    assert [attempts(tasks[i]) for i in untouched] == [1]
     # The executor's own loop sees every run finished and submits nothing more.
     assert executor.run([tasks])[0] == [read_json(task.path / "final.json") for task in tasks]
 
