@@ -136,7 +136,8 @@ def train_and_measure(
     of SPEC.md sections 2-3 is about minima. ``measure`` None: train only. ``overrides``: train
     arguments that change no number, e.g. ``checkpoint_every`` (see ``run_training``).
     """
-    problem, result = run_training(folder.path, spec, **overrides)
+    # A relative ``init_from`` names a folder of the suite, wherever the suite lies now.
+    problem, result = run_training(folder.path, spec, root=folder.root, **overrides)
     final = {"train": result.summary()}
     if measure is not None and result.status == "converged":
         final["curvature"] = curvature_summary(problem, **measure.kwargs()).to_dict()
