@@ -1,6 +1,7 @@
 """Every recipe at the smoke scale: its files, its numbers, and verdicts that follow the data."""
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -296,6 +297,33 @@ def first_run_ids(module, config, monkeypatch):
     with pytest.raises(_Stop):
         module.run(config, "unused")
     return ids
+
+
+@pytest.mark.parametrize(
+    ("module", "config"),
+    [
+        (e2_frobenius_bound, dataclasses.replace(smoke_configs()["E2"], start_lr=0.05)),
+        (e4_escape, smoke_configs()["E4"]),
+    ],
+)
+def test_every_seed_is_in_one_stage_so_workers_train_seeds_side_by_side(
+    module, config, monkeypatch, tmp_path
+):
+    stages = []
+
+    def fake_run_stage(tasks, executor=None, progress=None):
+        stages.append([task.label for task in tasks])
+        return [{"train": {"status": "converged"}, "sgd_lr": 0.1, "folder": "E4/gd"} for _ in tasks]
+
+    monkeypatch.setattr(module, "run_stage", fake_run_stage)
+    monkeypatch.setattr(module, "analyse", lambda *args: {})
+    monkeypatch.setattr(module, "save_analysis", lambda *args: {})
+    module.run(config, tmp_path)
+    first, second = stages
+    assert sorted(label.rsplit("-s", 1)[1] for label in first) == ["0", "1", "2"]
+    per_seed = len(config.lrs) * len(config.batch_sizes) if module is e2_frobenius_bound else config.repeats
+    assert len(second) == 3 * per_seed and len(set(second)) == len(second)
+    assert {label.split("-s")[-1].split("-")[0] for label in second} == {"0", "1", "2"}
 
 
 @pytest.mark.parametrize(
