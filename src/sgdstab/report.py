@@ -315,7 +315,10 @@ def _plot_e5(analysis: dict, fig: Figure) -> None:
     # Every criterion of the registry, with the empirical threshold beside the exact one.
     criteria = ("exact", "empirical", *(name for name in STABILITY_CRITERIA if name != "exact"))
     markers = dict(zip(criteria, "D*os^v<>xph+", strict=False))
-    cases = [f"{r['minimum']} minimum, B={r['batch_size']}" for r in analysis["rows"]]
+    cases = [
+        f"{r['minimum']} minimum" + (f" (seed {r['seed']})" if "seed" in r else "") + f", B={r['batch_size']}"
+        for r in analysis["rows"]
+    ]
     for index, row in enumerate(analysis["rows"]):
         for name in criteria:
             if math.isfinite(row[name]):
@@ -404,6 +407,7 @@ COLUMNS = {
     ],
     "E5": [
         ("minimum", "minimum"),
+        ("seed", "seed"),
         ("B", "batch_size"),
         ("exact", "exact"),
         ("empirical", "empirical"),
