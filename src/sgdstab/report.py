@@ -69,20 +69,35 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
     multiclass = [row for row in analysis.get("multiclass_rows", []) if row["curve"]]
     axes = fig.subplots(1, 3 if multiclass else 2)
     mu_axis, loss_axis = axes[0], axes[1]
+    families = list(dict.fromkeys(row["family"] for row in analysis["rows"]))
+    labelled = set()
     for row in analysis["rows"]:
+        # One colour per family; its seeds share it and one legend entry.
         steps = [p["step"] for p in row["curve"]]
-        mu_axis.plot(steps, [p["mu"] for p in row["curve"]], marker="o", ms=3, label=row["family"])
-        loss_axis.semilogy(steps, [p["loss"] for p in row["curve"]], marker="o", ms=3, label=row["family"])
+        style = {"marker": "o", "ms": 3, "color": f"C{families.index(row['family']) % 10}"}
+        label = None if row["family"] in labelled else row["family"]
+        labelled.add(row["family"])
+        mu_axis.plot(steps, [p["mu"] for p in row["curve"]], label=label, **style)
+        loss_axis.semilogy(steps, [p["loss"] for p in row["curve"]], label=label, **style)
     floor = analysis["config"]["mu_floor"]
     mu_axis.axhline(floor, color="k", ls=":", lw=1, label=f"floor {floor:g}")
     mu_axis.axhline(1, color="grey", ls="--", lw=0.8)
-    mu_axis.set(xlabel="SGD step", ylabel="alignment factor mu", ylim=(0, None), title="mu along training")
+    mu_axis.set(
+        xlabel="SGD step",
+        ylabel="alignment factor mu",
+        ylim=(0, None),
+        title="mu along training (every seed)",
+    )
     loss_axis.set(xlabel="SGD step", ylabel="training loss", title="loss")
     mu_axis.legend(fontsize=8)
     if multiclass:
         axis = axes[2]
-        for index, row in enumerate(multiclass):
+        arms = list(dict.fromkeys((row["data"], row["n"]) for row in multiclass))
+        for row in multiclass:
             steps = [p["step"] for p in row["curve"]]
+            index = arms.index((row["data"], row["n"]))
+            # One legend entry per data set (its first seed's run).
+            first = row.get("seed", 0) == multiclass[0].get("seed", 0)
             label = f"{row['data']} n={row['n']}"
             axis.plot(
                 steps,
@@ -90,10 +105,15 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
                 "o-",
                 ms=3,
                 color=f"C{index}",
-                label=f"C mu, {label}",
+                label=f"C mu, {label}" if first else None,
             )
             axis.plot(
-                steps, [p["mu"] for p in row["curve"]], "x:", ms=3, color=f"C{index}", label=f"mu, {label}"
+                steps,
+                [p["mu"] for p in row["curve"]],
+                "x:",
+                ms=3,
+                color=f"C{index}",
+                label=f"mu, {label}" if first else None,
             )
             axis.plot(steps, [p["mu_output_mean"] for p in row["curve"]], "--", lw=0.8, color=f"C{index}")
         axis.axhline(floor, color="k", ls=":", lw=1)
@@ -362,6 +382,7 @@ PLOTS: dict[str, tuple[Callable[[dict, Figure], None], tuple[float, float]]] = {
 COLUMNS = {
     "E1": [
         ("family", "family"),
+        ("seed", "seed"),
         ("model", "model"),
         ("eta", "lr"),
         ("status", "status"),
@@ -419,6 +440,7 @@ COLUMNS = {
 
 MULTICLASS_COLUMNS = [
     ("family", "family"),
+    ("seed", "seed"),
     ("data", "data"),
     ("n", "n"),
     ("C", "C"),

@@ -181,6 +181,51 @@ def test_e5_has_every_criterion_and_the_empirical_threshold(smoke_suite):
 
 
 # ------------------------------------------------------------------------------------- verdicts follow the data
+def test_e1_checks_count_seeds_and_one_seed_against_the_claim_fails_its_check(smoke_suite):
+    root, _ = smoke_suite
+    config = dataclasses.replace(smoke_configs()["E1"], seeds=(0, 1, 2))
+    finals = [read_json(folder / "final.json") for folder in run_folders(root, "E1")]
+
+    def as_seed(record, seed):
+        copied = copy.deepcopy(record)
+        copied["config"]["train"]["seed"] = seed
+        return copied
+
+    def seeds_of(kind, corrupt=None):
+        records = [r for r in finals if bool(r["config"].get("multiclass")) == kind]
+        copies = [as_seed(r, seed) for seed in (0, 1, 2) for r in records]
+        for record in copies:
+            if corrupt is not None and record["config"]["train"]["seed"] == 1:
+                corrupt(record)
+        return copies
+
+    same = e1_alignment.analyse(seeds_of(False), config, seeds_of(True))
+    reference = e1_alignment.analyse(
+        [r for r in finals if not r["config"].get("multiclass")],
+        smoke_configs()["E1"],
+        [r for r in finals if r["config"].get("multiclass")],
+    )
+    assert [c["holds"] for c in same["checks"]] == [c["holds"] for c in reference["checks"]]
+    assert all(c["detail"].startswith(f"{c['seeds_passed']}/3 seeds") for c in same["checks"])
+    assert {r["seed"] for r in same["rows"]} == {0, 1, 2} and len(same["multiclass_rows"]) == 3
+
+    def low_mu(record):
+        record["mu_curve"][1]["mu"] = 1e-3
+
+    family = e1_alignment.analyse(seeds_of(False, low_mu), config, seeds_of(True))["checks"][0]
+    assert family["holds"] is False and family["seeds_passed"] == (
+        2 if reference["checks"][0]["holds"] else 0
+    )
+    assert "seed 1: min mu per family: linear: 0.001" in family["detail"]
+
+    def low_c_mu(record):
+        for point in record["mu_curve"]:
+            point["mu"], point["c_mu"] = 1e-3, 1e-2
+
+    arm = e1_alignment.analyse(seeds_of(False), config, seeds_of(True, low_c_mu))["checks"][1]
+    assert arm["holds"] is False and "seed 1: min C mu: " in arm["detail"]
+
+
 def test_verdicts_turn_when_the_data_contradicts_the_claim(smoke_suite):
     root, analyses = smoke_suite
     configs = smoke_configs()
@@ -321,6 +366,8 @@ def first_run_ids(module, config, monkeypatch):
     [
         (e2_frobenius_bound, dataclasses.replace(smoke_configs()["E2"], start_lr=0.05)),
         (e4_escape, smoke_configs()["E4"]),
+        (e1_alignment, dataclasses.replace(smoke_configs()["E1"], seeds=(0, 1, 2))),
+        (e5_criteria, smoke_configs()["E5"]),
     ],
 )
 def test_every_seed_is_in_one_stage_so_workers_train_seeds_side_by_side(
@@ -336,6 +383,14 @@ def test_every_seed_is_in_one_stage_so_workers_train_seeds_side_by_side(
     monkeypatch.setattr(module, "analyse", lambda *args: {})
     monkeypatch.setattr(module, "save_analysis", lambda *args: {})
     module.run(config, tmp_path)
+    if module in (e1_alignment, e5_criteria):  # one stage: every seed's runs
+        (only,) = stages
+        per_seed = len(only) // 3
+        assert (
+            sorted(label.rsplit("-s", 1)[1] for label in only)
+            == ["0"] * per_seed + ["1"] * per_seed + ["2"] * per_seed
+        )
+        return
     first, second = stages
     assert sorted(label.rsplit("-s", 1)[1] for label in first) == ["0", "1", "2"]
     per_seed = len(config.lrs) * len(config.batch_sizes) if module is e2_frobenius_bound else config.repeats
