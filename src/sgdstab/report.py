@@ -308,17 +308,23 @@ def _plot_e4(analysis: dict, fig: Figure) -> None:
             label=f"seed {seed['seed']}: log mean loss, slope {measured['rate']:.3f} "
             f"(steps {measured['fit_start']}-{measured['fit_end']})",
         )
+        # The predictions drawn from the fit window's first step: the fit leaves the transient out.
+        first = measured["fit_start"]
+        window = np.arange(first, len(log_mean))
         axis.plot(
-            steps,
-            log_mean[0] + minimum["exact_rate"] * steps,
+            window,
+            log_mean[first] + minimum["exact_rate"] * (window - first),
             ":",
             color=color,
             lw=1.2,
             label=f"seed {seed['seed']}: exact log rho(T) = {minimum['exact_rate']:.3f}",
         )
-        axis.plot(steps, log_mean[0] + minimum["predicted_rate"] * steps, "--", color=color, lw=0.8)
+        axis.plot(
+            window, log_mean[first] + minimum["predicted_rate"] * (window - first), "--", color=color, lw=0.8
+        )
         tops.append((log_mean[0], log_mean.max()))
     axis.plot([], [], "k--", lw=0.8, label="the paper's log(eta^2 p_B mu ||H||_F^2), per seed")
+    axis.plot([], [], "k:", lw=1.2, label="predictions drawn from the fit window's first step")
     low = min(start for start, _ in tops)
     high = max(max(top, start) for start, top in tops)
     axis.set(
