@@ -179,16 +179,14 @@ class FolderTask(RunTask):
         return try_execute(self.root, self.experiment, self.label, self.config, self.work)
 
 
-def recipe_spec(config: Any, **fields: Any) -> TrainSpec:
-    """A TrainSpec on the data, model, seed, device and dtype a recipe config has; ``fields`` set
-    the rest (the learning rate, batch size, step caps) and may override those.
+def recipe_spec(config: Any, *, seed: int, **fields: Any) -> TrainSpec:
+    """A TrainSpec on the data, model, device and dtype a recipe config has, for one of its ``seeds``;
+    ``fields`` set the rest (the learning rate, batch size, step caps) and may override those.
     """
     shared = {
-        name: getattr(config, name)
-        for name in ("data", "model", "seed", "device", "dtype")
-        if hasattr(config, name)
+        name: getattr(config, name) for name in ("data", "model", "device", "dtype") if hasattr(config, name)
     }
-    return TrainSpec(**{**shared, **fields})
+    return TrainSpec(**{**shared, **fields, "seed": seed})
 
 
 def run_stage(
