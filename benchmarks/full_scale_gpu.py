@@ -12,7 +12,8 @@ random inputs of the data set's shape (the timing depends on shapes only). The t
 bounds: every run is charged its ``max_steps`` although most stop at their loss goal.
 E2-E4 are counted from their config fields (``lrs`` x ``batch_sizes`` runs of ``max_steps``,
 ``widths``/``ns`` sweeps with ``gd_max_steps``, E4's phases); what a recipe does beyond that
-(E5's stability analysis, E2's curvature summaries) is not timed. Prints a table, writes JSON.
+(E5's stability analysis, E2's curvature summaries) is not timed. Every count is multiplied by
+the recipe's number of ``seeds``. Prints a table, writes JSON.
 ``--tiny`` shrinks every model and step count so the script itself is tested on a CPU.
 """
 
@@ -150,6 +151,7 @@ def training_runs(configs: dict[str, Any]) -> list[dict]:
         )
 
     for name, c in configs.items():
+        first = len(runs)
         if name == "E1":
             for family in c.families:
                 add(
@@ -196,6 +198,9 @@ def training_runs(configs: dict[str, Any]) -> list[dict]:
                 )
             else:
                 add(name, c.data, model, batches[0], steps, count=grid)
+        # Every seed of a recipe repeats all of its runs.
+        for run in runs[first:]:
+            run["count"] *= len(getattr(c, "seeds", (0,)))
     return runs
 
 

@@ -69,20 +69,35 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
     multiclass = [row for row in analysis.get("multiclass_rows", []) if row["curve"]]
     axes = fig.subplots(1, 3 if multiclass else 2)
     mu_axis, loss_axis = axes[0], axes[1]
+    families = list(dict.fromkeys(row["family"] for row in analysis["rows"]))
+    labelled = set()
     for row in analysis["rows"]:
+        # One colour per family; its seeds share it and one legend entry.
         steps = [p["step"] for p in row["curve"]]
-        mu_axis.plot(steps, [p["mu"] for p in row["curve"]], marker="o", ms=3, label=row["family"])
-        loss_axis.semilogy(steps, [p["loss"] for p in row["curve"]], marker="o", ms=3, label=row["family"])
+        style = {"marker": "o", "ms": 3, "color": f"C{families.index(row['family']) % 10}"}
+        label = None if row["family"] in labelled else row["family"]
+        labelled.add(row["family"])
+        mu_axis.plot(steps, [p["mu"] for p in row["curve"]], label=label, **style)
+        loss_axis.semilogy(steps, [p["loss"] for p in row["curve"]], label=label, **style)
     floor = analysis["config"]["mu_floor"]
     mu_axis.axhline(floor, color="k", ls=":", lw=1, label=f"floor {floor:g}")
     mu_axis.axhline(1, color="grey", ls="--", lw=0.8)
-    mu_axis.set(xlabel="SGD step", ylabel="alignment factor mu", ylim=(0, None), title="mu along training")
+    mu_axis.set(
+        xlabel="SGD step",
+        ylabel="alignment factor mu",
+        ylim=(0, None),
+        title="mu along training (every seed)",
+    )
     loss_axis.set(xlabel="SGD step", ylabel="training loss", title="loss")
     mu_axis.legend(fontsize=8)
     if multiclass:
         axis = axes[2]
-        for index, row in enumerate(multiclass):
+        arms = list(dict.fromkeys((row["data"], row["n"]) for row in multiclass))
+        for row in multiclass:
             steps = [p["step"] for p in row["curve"]]
+            index = arms.index((row["data"], row["n"]))
+            # One legend entry per data set (its first seed's run).
+            first = row.get("seed", 0) == multiclass[0].get("seed", 0)
             label = f"{row['data']} n={row['n']}"
             axis.plot(
                 steps,
@@ -90,10 +105,15 @@ def _plot_e1(analysis: dict, fig: Figure) -> None:
                 "o-",
                 ms=3,
                 color=f"C{index}",
-                label=f"C mu, {label}",
+                label=f"C mu, {label}" if first else None,
             )
             axis.plot(
-                steps, [p["mu"] for p in row["curve"]], "x:", ms=3, color=f"C{index}", label=f"mu, {label}"
+                steps,
+                [p["mu"] for p in row["curve"]],
+                "x:",
+                ms=3,
+                color=f"C{index}",
+                label=f"mu, {label}" if first else None,
             )
             axis.plot(steps, [p["mu_output_mean"] for p in row["curve"]], "--", lw=0.8, color=f"C{index}")
         axis.axhline(floor, color="k", ls=":", lw=1)
@@ -159,6 +179,61 @@ def plot_e2(analysis: dict, fig: Figure) -> None:
     axis.legend(fontsize=8)
 
 
+def _plot_e2_seeds(analysis: dict, fig: Figure) -> None:
+    """E2 over seeds: per (eta, B) the mean ||H||_F with its standard deviation over seeds, each
+    seed's minimum as a dot, and the mean bound; falls back to ``plot_e2`` for one-seed analyses.
+    """
+    spread = analysis.get("spread")
+    if not spread or len({r.get("seed") for r in analysis["rows"]}) < 2:
+        plot_e2(analysis, fig)
+        return
+    axis = fig.subplots()
+    sizes = sorted({entry["batch_size"] for entry in spread})
+    for index, size in enumerate(sizes):
+        color = f"C{index % 10}"
+        group = [e for e in spread if e["batch_size"] == size and "frobenius_mean" in e]
+        axis.errorbar(
+            [e["sqrt_b_over_lr"] for e in group],
+            [e["frobenius_mean"] for e in group],
+            yerr=[e["frobenius_std"] for e in group],
+            fmt="o",
+            ms=7,
+            capsize=3,
+            color=color,
+            label=f"B={size} (mean +- std over seeds)",
+        )
+        axis.scatter(
+            [e["sqrt_b_over_lr"] for e in group],
+            [e["bound_mean"] for e in group],
+            marker="_",
+            s=200,
+            color=color,
+        )
+        seeds = [r for r in analysis["rows"] if r["batch_size"] == size and "frobenius" in r]
+        axis.scatter(
+            [r["sqrt_b_over_lr"] for r in seeds], [r["frobenius"] for r in seeds], s=8, color=color, alpha=0.5
+        )
+    measured = [e for e in spread if "frobenius_mean" in e]
+    diverged = [e for e in spread if e["diverged"]]
+    if measured:
+        floor = min(e["frobenius_mean"] for e in measured) / 2
+        axis.scatter(
+            [e["sqrt_b_over_lr"] for e in diverged],
+            [floor] * len(diverged),
+            marker="x",
+            color="red",
+            label="diverged on >= 1 seed (placed at the bottom)",
+        )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sqrt(B)/eta",
+        ylabel="||H||_F at the minimum",
+        title=f"||H||_F of SGD minima over {len({r['seed'] for r in analysis['rows']})} seeds; bars: mean bound",
+    )
+    axis.legend(fontsize=7)
+
+
 def _plot_e3(analysis: dict, fig: Figure) -> None:
     """Each arm's median over seeds with its min-max band, per width and per n; caps and 2/eta dotted."""
     axes = fig.subplots(3, 2, sharex="col")
@@ -212,51 +287,53 @@ def _plot_e3(analysis: dict, fig: Figure) -> None:
 
 
 def _plot_e4(analysis: dict, fig: Figure) -> None:
+    """Each seed in its colour: a sample of single runs, the log mean loss and its exact rate log rho(T)."""
     axis = fig.subplots()
-    for index, curve in enumerate(analysis["curves"]):
+    seeds = [seed for seed in analysis["seeds"] if "measured" in seed]
+    tops = []
+    for index, seed in enumerate(seeds):
+        color = f"C{index % 10}"
+        for curve in seed["curves"]:
+            axis.plot(
+                [s for s, _ in curve], np.log([loss for _, loss in curve]), color=color, alpha=0.08, lw=0.6
+            )
+        measured, minimum = seed["measured"], seed["minimum"]
+        log_mean = np.array(measured["log_mean_loss"])
+        steps = np.arange(len(log_mean))
         axis.plot(
-            [s for s, _ in curve],
-            np.log([loss for _, loss in curve]),
-            color="C0",
-            alpha=0.2,
-            lw=0.8,
-            label="single SGD runs" if index == 0 else None,
+            steps,
+            log_mean,
+            color=color,
+            lw=2,
+            label=f"seed {seed['seed']}: log mean loss, slope {measured['rate']:.3f} "
+            f"(steps {measured['fit_start']}-{measured['fit_end']})",
         )
-    log_mean = np.array(analysis["measured"]["log_mean_loss"])
-    steps = np.arange(len(log_mean))
-    axis.plot(
-        steps,
-        log_mean,
-        color="C0",
-        lw=2,
-        label=f"log mean loss, SGD (slope {analysis['measured']['rate']:.3f})",
-    )
-    minimum = analysis["minimum"]
-    linearized = np.log(minimum["linearized_loss"])
-    axis.plot(
-        np.arange(len(linearized)),
-        linearized,
-        color="C2",
-        lw=1.5,
-        label=f"linearised SGD (slope {analysis['linearized_rate']:.3f})",
-    )
-    start = log_mean[0]
-    measured = analysis["measured"]
-    first, last = measured.get("fit_start", 0), measured.get("fit_end", measured["fitted_steps"])
-    for rate, style, label in (
-        (minimum["predicted_rate"], "k--", "predicted log(eta^2 p_B mu ||H||_F^2)"),
-        (minimum["exact_rate"], "r:", "exact log rho(T)"),
-        (minimum["rigorous_rate"], "m-.", "rigorous, with mu_min"),
-    ):
-        axis.plot(steps, start + rate * steps, style, lw=1, label=f"{label} = {rate:.3f}")
-    axis.axvspan(first, last - 1, color="grey", alpha=0.1, label="fit window (after the transient)")
+        # The predictions drawn from the fit window's first step: the fit leaves the transient out.
+        first = measured["fit_start"]
+        window = np.arange(first, len(log_mean))
+        axis.plot(
+            window,
+            log_mean[first] + minimum["exact_rate"] * (window - first),
+            ":",
+            color=color,
+            lw=1.2,
+            label=f"seed {seed['seed']}: exact log rho(T) = {minimum['exact_rate']:.3f}",
+        )
+        axis.plot(
+            window, log_mean[first] + minimum["predicted_rate"] * (window - first), "--", color=color, lw=0.8
+        )
+        tops.append((log_mean[0], log_mean.max()))
+    axis.plot([], [], "k--", lw=0.8, label="the paper's log(eta^2 p_B mu ||H||_F^2), per seed")
+    axis.plot([], [], "k:", lw=1.2, label="predictions drawn from the fit window's first step")
+    low = min(start for start, _ in tops)
+    high = max(max(top, start) for start, top in tops)
     axis.set(
         xlabel="SGD step from the GD minimum",
         ylabel="log training loss",
-        ylim=(start - 2, max(log_mean.max(), start) + 3),
-        title="escape from the GD minimum",
+        ylim=(low - 2, high + 3),
+        title="escape from the GD minimum (faint: single runs)",
     )
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=6)
 
 
 def _plot_e5(analysis: dict, fig: Figure) -> None:
@@ -264,7 +341,10 @@ def _plot_e5(analysis: dict, fig: Figure) -> None:
     # Every criterion of the registry, with the empirical threshold beside the exact one.
     criteria = ("exact", "empirical", *(name for name in STABILITY_CRITERIA if name != "exact"))
     markers = dict(zip(criteria, "D*os^v<>xph+", strict=False))
-    cases = [f"{r['minimum']} minimum, B={r['batch_size']}" for r in analysis["rows"]]
+    cases = [
+        f"{r['minimum']} minimum" + (f" (seed {r['seed']})" if "seed" in r else "") + f", B={r['batch_size']}"
+        for r in analysis["rows"]
+    ]
     for index, row in enumerate(analysis["rows"]):
         for name in criteria:
             if math.isfinite(row[name]):
@@ -299,7 +379,7 @@ def _plot_density(row: dict, fig: Figure) -> None:
 
 PLOTS: dict[str, tuple[Callable[[dict, Figure], None], tuple[float, float]]] = {
     "E1": (_plot_e1, (10, 4)),
-    "E2": (plot_e2, (7, 5)),
+    "E2": (_plot_e2_seeds, (7, 5)),
     "E3": (_plot_e3, (9, 9)),
     "E4": (_plot_e4, (8, 5)),
     "E5": (_plot_e5, (9, 4)),
@@ -308,6 +388,7 @@ PLOTS: dict[str, tuple[Callable[[dict, Figure], None], tuple[float, float]]] = {
 COLUMNS = {
     "E1": [
         ("family", "family"),
+        ("seed", "seed"),
         ("model", "model"),
         ("eta", "lr"),
         ("status", "status"),
@@ -318,6 +399,7 @@ COLUMNS = {
         ("final mu", "mu_final"),
     ],
     "E2": [
+        ("seed", "seed"),
         ("eta", "lr"),
         ("B", "batch_size"),
         ("status", "status"),
@@ -352,6 +434,7 @@ COLUMNS = {
     ],
     "E5": [
         ("minimum", "minimum"),
+        ("seed", "seed"),
         ("B", "batch_size"),
         ("exact", "exact"),
         ("empirical", "empirical"),
@@ -363,6 +446,7 @@ COLUMNS = {
 
 MULTICLASS_COLUMNS = [
     ("family", "family"),
+    ("seed", "seed"),
     ("data", "data"),
     ("n", "n"),
     ("C", "C"),
@@ -427,37 +511,65 @@ def _e1_multiclass_blocks(analysis: dict) -> list[Block]:
     return blocks
 
 
+E4_COLUMNS = [
+    ("seed", "seed"),
+    ("measured rate", "rate"),
+    ("+-", "stderr"),
+    ("fit steps", "window"),
+    ("linearised SGD", "linearized"),
+    ("exact log rho(T)", "exact"),
+    ("measured / exact", "over_exact"),
+    ("paper's log(eta^2 p_B mu ||H||_F^2)", "predicted"),
+    ("rigorous (mu_min)", "rigorous"),
+    ("||H||_F at GD minimum", "frobenius"),
+    ("SGD eta", "sgd_lr"),
+    ("||H||_F settled", "settled"),
+    ("its bound", "settled_bound"),
+]
+
+
 def _e4_rows(analysis: dict) -> list[dict]:
-    minimum = analysis["minimum"]
-    if "measured" not in analysis:
-        return []
-    return [
-        {
-            "quantity": "escape rate per step, measured (SGD)",
-            "value": analysis["measured"]["rate"],
-            "note": f"+- {analysis['measured']['stderr']:.3g}, steps {analysis['measured'].get('fit_start', 0)} "
-            f"to {analysis['measured'].get('fit_end', analysis['measured']['fitted_steps'])}",
-        },
-        {"quantity": "linearised SGD, same window", "value": analysis["linearized_rate"], "note": ""},
-        {
-            "quantity": "predicted log(eta^2 p_B mu ||H||_F^2)",
-            "value": minimum["predicted_rate"],
-            "note": f"mu = {minimum['curvature']['mu']:.3g}",
-        },
-        {"quantity": "exact log rho(T)", "value": minimum["exact_rate"], "note": ""},
-        {
-            "quantity": "rigorous, mu_min",
-            "value": minimum["rigorous_rate"],
-            "note": f"mu_min = {minimum['mu_min']:.3g}",
-        },
-        {"quantity": "||H||_F at the GD minimum", "value": minimum["curvature"]["frobenius"], "note": ""},
-        {"quantity": "lambda_max at the GD minimum", "value": minimum["lambda_max"], "note": ""},
-        {
-            "quantity": "SGD eta",
-            "value": minimum["sgd_lr"],
-            "note": f"2/lambda_max = {minimum['thresholds']['gd']:.4g}",
-        },
-    ]
+    """One row per seed that reached a minimum, then the mean +- std over seeds of the rates."""
+    rows = []
+    for seed in analysis["seeds"]:
+        if "measured" not in seed:
+            continue
+        measured, minimum = seed["measured"], seed["minimum"]
+        rows.append(
+            {
+                "seed": seed["seed"],
+                "rate": measured["rate"],
+                "stderr": measured["stderr"],
+                "window": f"{measured['fit_start']}-{measured['fit_end']}",
+                "linearized": seed["linearized_rate"],
+                "exact": minimum["exact_rate"],
+                "over_exact": measured["rate"] / minimum["exact_rate"],
+                "predicted": minimum["predicted_rate"],
+                "rigorous": minimum["rigorous_rate"],
+                "frobenius": minimum["curvature"]["frobenius"],
+                "sgd_lr": minimum["sgd_lr"],
+                "settled": (seed.get("settled") or {}).get("frobenius"),
+                "settled_bound": seed.get("settled_bound"),
+            }
+        )
+    spread = analysis.get("spread", {})
+    if len(rows) > 1:
+        keys = {
+            "rate": "measured_rate",
+            "exact": "exact_rate",
+            "over_exact": "measured_over_exact",
+            "predicted": "predicted_rate",
+        }
+        rows.append(
+            {
+                "seed": "mean +- std",
+                **{
+                    column: f"{fmt(spread[name]['mean'])} +- {fmt(spread[name]['std'])}"
+                    for column, name in keys.items()
+                },
+            }
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------------- blocks
@@ -476,9 +588,7 @@ def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Pa
         save_figure(fig, path)
         blocks.append(("figure", f"{FIGURES_DIR}/{path.name}", f"{name}: {analysis['title']}"))
     if name == "E4":
-        blocks.append(
-            _table(_e4_rows(analysis), [("quantity", "quantity"), ("value", "value"), ("note", "note")])
-        )
+        blocks.append(_table(_e4_rows(analysis), E4_COLUMNS))
     else:
         blocks.append(_table(analysis["rows"], COLUMNS[name]))
     if name == "E1":
@@ -489,7 +599,7 @@ def _experiment_blocks(name: str, analysis: dict, scale: str | None, figures: Pa
 def _plottable(name: str, analysis: dict) -> bool:
     """Whether there is anything to draw: log axes need at least one measured point."""
     if name == "E4":
-        return "measured" in analysis
+        return any("measured" in seed for seed in analysis["seeds"])
     if name in ("E2", "E3"):
         return any("frobenius" in row for row in analysis["rows"])
     if name == "E1":

@@ -1,24 +1,28 @@
-"""E3's and E4's checks where the claims bind (issue 8).
+"""E2's, E3's and E4's checks where the claims bind (issue 8).
 
-Each E3 check holds on data that satisfies it and flips when one seed's data contradicts it; E4's
-fit leaves the transient out and its verdicts follow the measured rate; plus the pieces the design
-needs from lower layers: the linear learning-rate warm-up, centred inputs, exact curvature.
+Each E3 and E2 check holds on data that satisfies it and flips when one seed's data contradicts it
+(E2's slope, pooled over seeds, when every seed's does); E4's fit leaves the transient out and its
+verdicts follow the measured rate, per seed; plus the pieces the design needs from lower layers:
+the linear learning-rate warm-up, centred inputs, exact curvature, and an E2 suite that resumes
+after a move.
 """
 
 import copy
 import dataclasses
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from sgdstab import run_spec
 from sgdstab.data import load_dataset
 from sgdstab.experiments import e2_frobenius_bound, e4_escape, smoke_configs
 from sgdstab.experiments.config import DataConfig, ModelConfig
 from sgdstab.experiments.e3_size import Config, analyse, exact_curvature
 from sgdstab.experiments.e4_escape import escape_rate
-from sgdstab.io import read_json
+from sgdstab.io import read_json, write_json_atomic
 from sgdstab.problem import Problem
 from sgdstab.training import train
 
@@ -257,7 +261,9 @@ def test_e4_verdicts_follow_the_measured_rate(measured_rate, verdicts, supported
         {"curve": curve, "escape": {"status": "max_steps"}}
         for curve in escape_curves(rate=measured_rate, transient_rate=0.8, transient_steps=4, runs=300)
     ]
-    analysis = e4_escape.analyse(e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1), escapes, config)
+    analysis = e4_escape.analyse_seed(
+        e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1), escapes, config, 0
+    )
     assert [c["holds"] for c in analysis["checks"][:2]] == verdicts
     assert analysis["supported_prediction"] == supported
 
@@ -273,7 +279,7 @@ def test_e4_a_mean_carried_by_one_run_leaves_the_exact_rate_undecided():
 
     def exact_check(runs):
         escapes = [{"curve": curve, "escape": {"status": "max_steps"}} for curve in runs]
-        analysis = e4_escape.analyse(minimum, escapes, config)
+        analysis = e4_escape.analyse_seed(minimum, escapes, config, 0)
         return analysis["measured"]["top_share"], analysis["checks"][0]
 
     share, light = exact_check(curves)
@@ -284,16 +290,53 @@ def test_e4_a_mean_carried_by_one_run_leaves_the_exact_rate_undecided():
     assert share > 0.7 and heavy["holds"] is None and "one run carries the mean" in heavy["detail"]
 
 
+def test_e4_one_seed_whose_rate_misses_log_rho_fails_its_check_as_two_of_three():
+    config = dataclasses.replace(
+        e4_escape.default_config("quick"), fit_start=5, fit_max_loss=1.0, bootstrap=50
+    )
+    minima = {seed: e4_minimum(exact=0.178, predicted=0.405, rigorous=0.1) for seed in SEEDS}
+
+    def escapes(rate, seed):
+        curves = escape_curves(rate=rate, transient_rate=0.8, transient_steps=4, runs=300, seed=seed)
+        return [{"curve": curve, "escape": {"status": "max_steps"}} for curve in curves]
+
+    agreeing = e4_escape.analyse(minima, {seed: escapes(0.178, seed) for seed in SEEDS}, config)
+    assert agreeing["checks"][0]["holds"] is True and agreeing["checks"][0]["detail"].startswith("3/3 seeds")
+    assert agreeing["supported_prediction"] == "exact log rho(T)"
+    spread = agreeing["spread"]["measured_over_exact"]
+    assert abs(spread["mean"] - 1) < 0.05 and spread["seeds"] == 3
+    missing = e4_escape.analyse(
+        minima, {seed: escapes(0.178 if seed else 0.4, seed) for seed in SEEDS}, config
+    )
+    assert missing["checks"][0]["holds"] is False and missing["checks"][0]["detail"].startswith("2/3 seeds")
+    assert missing["supported_prediction"] == "mixed" and missing["holds"] is False
+    # A seed whose GD never converged has no escapes: its checks are undecided, the others stand.
+    stuck = {**minima, 2: {"train": {"status": "max_steps"}}}
+    partial = e4_escape.analyse(stuck, {seed: escapes(0.178, seed) for seed in (0, 1)}, config)
+    assert partial["checks"][0]["holds"] is None and partial["checks"][0]["detail"].startswith("2/3 seeds")
+    assert partial["spread"]["measured_rate"]["seeds"] == 2
+
+
 # ------------------------------------------------------------------------------------- E2: from a common sharp start
 E2_START = {"train": {"status": "converged"}, "curvature": {"frobenius": 10.0, "mu": 1.0}}
+E2_STARTS = {seed: E2_START for seed in SEEDS}
 BINDING_LRS = (0.125, 0.2, 0.25, 0.4)  # bounds 1/eta = 8, 5, 4, 2.5 (B = 1, mu = 1) below the start's 10
 FREE_LR = 0.05  # bound 20, above the start
+E2_CONFIG = dataclasses.replace(e2_frobenius_bound.default_config("quick"), start_lr=0.01, seeds=SEEDS)
 
 
-def e2_record(lr, frobenius):
+def e2_record(lr, frobenius, seed=0):
     return {
-        "run_id": f"lr{lr}",
-        "config": {"train": {"lr": lr, "batch_size": 1, "sampling": "with_replacement", "data": {"n": 100}}},
+        "run_id": f"lr{lr}-s{seed}",
+        "config": {
+            "train": {
+                "lr": lr,
+                "batch_size": 1,
+                "sampling": "with_replacement",
+                "data": {"n": 100},
+                "seed": seed,
+            }
+        },
         "train": {"status": "converged", "steps": 10, "final_loss": 1e-5},
         "curvature": {
             "frobenius": frobenius,
@@ -310,67 +353,155 @@ def e2_record(lr, frobenius):
     }
 
 
-def e2_records(settled=lambda bound: 0.8 * bound, free=10.5):
-    return [e2_record(lr, settled(1 / lr)) for lr in BINDING_LRS] + [e2_record(FREE_LR, free)]
+def e2_records(settled=lambda bound: 0.8 * bound, free=10.5, seed=0):
+    return [e2_record(lr, settled(1 / lr), seed) for lr in BINDING_LRS] + [e2_record(FREE_LR, free, seed)]
 
 
-def e2_checks(records):
-    config = dataclasses.replace(e2_frobenius_bound.default_config("quick"), start_lr=0.01)
-    return e2_frobenius_bound.analyse(records, config, E2_START)["checks"]
+def e2_seeds(corrupt=None, **changes):
+    """Three seeds' records that satisfy every check; ``changes`` (of ``e2_records``) on seed ``corrupt``."""
+    return [r for seed in SEEDS for r in e2_records(seed=seed, **(changes if seed == corrupt else {}))]
+
+
+def e2_checks(records, config=E2_CONFIG):
+    return e2_frobenius_bound.analyse(records, config, E2_STARTS)["checks"]
 
 
 def test_e2_from_a_common_start_settles_at_its_bounds_with_slope_one():
-    checks = e2_checks(e2_records())
+    checks = e2_checks(e2_seeds())
     assert [c["holds"] for c in checks] == [True] * 5
-    assert "slope 1.00" in checks[3]["detail"]
+    assert all(c["seeds_passed"] == 3 and c["seeds"] == 3 for c in checks)
+    assert checks[3]["detail"].startswith(
+        "pooled slope 1.00 +- 0.00 (2 standard errors) over 12 runs of 3 seeds"
+    )
+    assert checks[3]["slope"] == pytest.approx(1.0)
+
+
+def test_e2_pooled_slope_is_the_least_squares_fit_over_every_seeds_binding_runs():
+    # Seeds settle at different shares of their bounds, with noise: the pooled fit is one
+    # regression of log ||H||_F on log sqrt(B)/eta over all 12 binding runs.
+    shares = {0: (0.6, 0.7, 0.65, 0.8), 1: (0.75, 0.7, 0.9, 0.72), 2: (0.55, 0.85, 0.6, 0.66)}
+    records = [
+        e2_record(lr, share / lr, seed)
+        for seed in SEEDS
+        for lr, share in zip(BINDING_LRS, shares[seed], strict=True)
+    ]
+    x = np.log([1 / lr for _ in SEEDS for lr in BINDING_LRS])
+    y = np.log([share / lr for seed in SEEDS for lr, share in zip(BINDING_LRS, shares[seed], strict=True)])
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    coefficients, residual, *_ = np.linalg.lstsq(design, y, rcond=None)
+    stderr = math.sqrt(residual[0] / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
+    check = e2_checks(records)[3]
+    assert check["slope"] == pytest.approx(coefficients[0], rel=1e-10)
+    assert check["slope_stderr"] == pytest.approx(stderr, rel=1e-8)
 
 
 def test_e2_a_start_just_under_its_bound_may_leave():
     # Bound 12 = 1.2 x the start's 10: the bound is necessary for stability, not sufficient, so the
     # run may leave (the pilot's did); only bounds above stay_margin (1.5) x the start must stay.
-    near_critical = e2_record(1 / 12, 6.0)
-    checks = e2_checks([*e2_records(), near_critical])
+    near_critical = [e2_record(1 / 12, 6.0, seed) for seed in SEEDS]
+    checks = e2_checks([*e2_seeds(), *near_critical])
     assert [c["holds"] for c in checks] == [True] * 5
-    assert checks[4]["detail"].startswith("1/1 stayed")
-    tight = e2_frobenius_bound.analyse(
-        [*e2_records(), near_critical],
-        dataclasses.replace(e2_frobenius_bound.default_config("quick"), start_lr=0.01, stay_margin=1.1),
-        E2_START,
-    )
-    assert tight["checks"][4]["holds"] is False
+    assert checks[4]["detail"].startswith("3/3 seeds. seed 0: 1/1 stayed")
+    tight = e2_checks([*e2_seeds(), *near_critical], dataclasses.replace(E2_CONFIG, stay_margin=1.1))
+    assert tight[4]["holds"] is False and tight[4]["detail"].startswith("0/3 seeds")
 
 
 @pytest.mark.parametrize(
-    ("records", "failing"),
+    ("changes", "failing"),
     [
-        (e2_records(settled=lambda bound: 0.3 * bound), 2),  # far below the bound: not selected by it
-        (e2_records(settled=lambda bound: 1.5 * math.sqrt(bound)), 3),  # ratios in band, slope 0.5
-        (e2_records(free=5.0), 4),  # a run free to stay moved to half the start's ||H||_F
+        ({"settled": lambda bound: 0.3 * bound}, 2),  # far below the bound: not selected by it
+        ({"free": 5.0}, 4),  # a run free to stay moved to half the start's ||H||_F
+        ({"settled": lambda bound: 1.2 * bound}, 0),  # above its bound: breaks the bound itself
     ],
 )
-def test_e2_start_checks_flip_when_the_data_contradict_them(records, failing):
-    checks = e2_checks(records)
+def test_e2_one_seed_against_the_claim_flips_its_check_to_two_of_three(changes, failing):
+    checks = e2_checks(e2_seeds(corrupt=1, **changes))
     assert checks[failing]["holds"] is False
-    assert all(c["holds"] for i, c in enumerate(checks) if i != failing)
+    assert checks[failing]["detail"].startswith("2/3 seeds") and "seed 1: " in checks[failing]["detail"]
+    assert checks[failing]["seeds_passed"] == 2
 
 
-def test_e2_runs_every_grid_point_from_the_common_gd_start_after_a_warmup(tmp_path):
-    config = dataclasses.replace(
-        smoke_configs()["E2"],
-        lrs=(0.05, 0.1),
-        start_lr=0.05,
-        start_max_steps=600,
-        start_loss_goal=1e-3,
-        start_warmup_steps=20,
+def test_e2_slope_flips_when_every_seed_settles_off_the_bounds_slope():
+    # Ratios in the band (0.5-1.0 for bounds 2.5-8) but ||H||_F ~ sqrt(bound): slope 0.5 on every seed.
+    checks = e2_checks([r for seed in SEEDS for r in e2_records(lambda b: 1.5 * math.sqrt(b), seed=seed)])
+    assert checks[3]["holds"] is False and "pooled slope 0.50" in checks[3]["detail"]
+    assert "(0/3 seeds in the band)" in checks[3]["detail"]
+    assert all(c["holds"] for i, c in enumerate(checks) if i != 3)
+    # One seed off the slope moves the pooled fit but not out of the band: 2/3 seeds, still holds.
+    mixed = e2_checks(
+        [*e2_seeds()[: 2 * len(e2_records())], *e2_records(lambda b: 1.5 * math.sqrt(b), seed=2)]
     )
-    analysis = e2_frobenius_bound.run(config, tmp_path)
-    assert analysis["start"]["train"]["status"] == "converged"
-    (start_folder,) = [p for p in (tmp_path / "E2").iterdir() if p.name.startswith("gd-start")]
-    for row in analysis["rows"]:
-        config_json = read_json(tmp_path / "E2" / row["run_id"] / "config.json")
-        assert config_json["train"]["init_from"] == str(start_folder) and config_json["warmup_steps"] == 20
-        # The start already meets the loss goal: only the warm-up's end can stop a run as converged.
-        assert row["steps"] >= 20
-        if "frobenius" in row:
-            assert row["binding"] == (row["start_bound"] < analysis["start"]["curvature"]["frobenius"])
+    assert mixed[3]["holds"] is True and "(2/3 seeds in the band)" in mixed[3]["detail"]
+
+
+def test_e2_a_seed_whose_start_did_not_converge_leaves_its_checks_undecided():
+    starts = {**E2_STARTS, 2: {"train": {"status": "max_steps"}}}
+    records = [r for r in e2_seeds() if r["config"]["train"]["seed"] != 2]
+    checks = e2_frobenius_bound.analyse(records, E2_CONFIG, starts)["checks"]
+    assert [c["holds"] for c in checks] == [None, None, None, True, None]
+    assert "seed 2: GD did not reach the common start" in checks[2]["detail"]
+    assert "over 8 runs of 2 seeds" in checks[3]["detail"]
+
+
+E2_RUN = dict(
+    lrs=(0.05, 0.1), start_lr=0.05, start_max_steps=600, start_loss_goal=1e-3, start_warmup_steps=20
+)
+
+
+@pytest.fixture(scope="module")
+def e2_suite(tmp_path_factory):
+    """A finished smoke E2 suite from common starts (2 seeds), and its config."""
+    config = dataclasses.replace(smoke_configs()["E2"], seeds=(0, 1), **E2_RUN)
+    root = tmp_path_factory.mktemp("e2_suite")
+    return root, config, e2_frobenius_bound.run(config, root)
+
+
+def test_e2_runs_every_grid_point_from_the_common_gd_start_after_a_warmup(e2_suite):
+    root, config, analysis = e2_suite
+    for seed in config.seeds:
+        assert analysis["starts"][seed]["train"]["status"] == "converged"
+        (start_folder,) = [p for p in (root / "E2").iterdir() if p.name.startswith(f"gd-start-s{seed}-")]
+        rows = [r for r in analysis["rows"] if r["seed"] == seed]
+        assert len(rows) == 2
+        for row in rows:
+            config_json = read_json(root / "E2" / row["run_id"] / "config.json")
+            # Relative to the suite folder, so a moved suite resumes (issue 7).
+            assert config_json["train"]["init_from"] == f"E2/{start_folder.name}"
+            assert config_json["train"]["seed"] == seed and config_json["warmup_steps"] == 20
+            # The start already meets the loss goal: only the warm-up's end can stop a run as converged.
+            assert row["steps"] >= 20
+            if "frobenius" in row:
+                start = analysis["starts"][seed]["curvature"]
+                assert row["binding"] == (row["start_bound"] < start["frobenius"])
     assert len(analysis["checks"]) == 5
+
+
+def test_a_moved_half_finished_e2_suite_resumes_from_another_working_folder(e2_suite, tmp_path, monkeypatch):
+    root, config, analysis = e2_suite
+    shutil.copytree(root / "E2", tmp_path / "moved" / "E2")
+    moved = tmp_path / "moved" / "E2"
+    (start,) = moved.glob("gd-start-s1-*")
+    # An older suite stored its start as an absolute path (of the old place): it is not read.
+    old = read_json(start / "final.json")
+    write_json_atomic(start / "final.json", {**old, "folder": str(root / "E2" / start.name)})
+    (killed,) = moved.glob("lr0.1-B4-s1-*")
+    expected = read_json(killed / "final.json")
+    for name in ("final.json", "checkpoint.pt", "metrics.jsonl"):
+        (killed / name).unlink()  # killed before its first checkpoint
+    (moved / "analysis.json").unlink()
+    shutil.rmtree(root / "E2" / start.name)  # the old place is gone
+    trained = []
+    real_train = run_spec.train
+    monkeypatch.setattr(
+        run_spec, "train", lambda *a, **k: trained.append(k["checkpoint_dir"]) or real_train(*a, **k)
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = e2_frobenius_bound.run(config, "../moved")
+    assert [path.resolve() for path in trained] == [killed.resolve()]  # every other run was found finished
+    again = read_json(killed / "final.json")
+    assert again["train"]["steps"] == expected["train"]["steps"]
+    assert again.get("curvature", {}).get("frobenius") == pytest.approx(
+        expected.get("curvature", {}).get("frobenius"), rel=1e-6
+    )
+    assert [c["holds"] for c in resumed["checks"]] == [c["holds"] for c in analysis["checks"]]

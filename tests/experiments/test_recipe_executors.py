@@ -6,6 +6,7 @@ same final records and analyses bit for bit (only wall-clock fields and the suit
 which E2's runs record, differ).
 """
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -13,7 +14,15 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from sgdstab.cli import app
-from sgdstab.experiments import EXPERIMENTS, e1_alignment, e4_escape, e5_criteria, reproduce, smoke_configs
+from sgdstab.experiments import (
+    EXPERIMENTS,
+    e1_alignment,
+    e2_frobenius_bound,
+    e4_escape,
+    e5_criteria,
+    reproduce,
+    smoke_configs,
+)
 from sgdstab.experiments.runs import ATTEMPTS_FILE, FolderTask
 from sgdstab.io import read_jsonl
 from sgdstab.sweeps import LocalExecutor
@@ -30,12 +39,12 @@ def _without_wall_clock(value):
 
 
 def _read(path: Path, root: Path):
-    # E2 records its common start's folder as an absolute path: name the suite root alike.
+    # Name the suite root alike, should a record hold it.
     return _without_wall_clock(json.loads(path.read_text().replace(str(root), "<suite>")))
 
 
 def results(root: Path, name: str) -> dict:
-    """An experiment's final records (by label; run ids hash the suite path in E2) and analysis."""
+    """An experiment's final records (by label) and analysis."""
     runs = {}
     for folder in sorted(p for p in (root / name).iterdir() if p.is_dir()):
         record = _read(folder / "final.json", root)
@@ -82,8 +91,10 @@ def test_every_recipe_task_pickles_for_a_worker_or_a_slurm_job(tmp_path):
     minimum = {"train": {"status": "converged"}, "sgd_lr": 0.1, "folder": "E4/gd"}
     tasks = [
         *e1_alignment.tasks(configs["E1"], tmp_path),
-        e4_escape.minimum_task(configs["E4"], tmp_path),
-        *e4_escape.escape_tasks(configs["E4"], tmp_path, minimum),
+        *(e4_escape.minimum_task(configs["E4"], tmp_path, seed) for seed in configs["E4"].seeds),
+        *e4_escape.escape_tasks(configs["E4"], tmp_path, minimum, 1),
+        e2_frobenius_bound.common_start_task(dataclasses.replace(configs["E2"], start_lr=0.05), tmp_path, 2),
+        *e2_frobenius_bound.grid_tasks(dataclasses.replace(configs["E2"], start_lr=0.05), tmp_path, 2),
         *e5_criteria.tasks(configs["E5"], tmp_path),
     ]
     for task in tasks:

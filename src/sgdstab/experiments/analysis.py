@@ -25,6 +25,21 @@ def check(claim: str, holds: bool | None, detail: str) -> dict:
     return {"claim": claim, "holds": holds, "detail": detail}
 
 
+def over_seeds(seeds: tuple[int, ...], claim: str, verdicts: list[tuple[bool | None, str]]) -> dict:
+    """One check from per-seed verdicts ``(holds, detail)``: holds when it holds on every seed.
+
+    The detail starts with "k/m seeds" (k the seeds where it holds), then each seed's own detail;
+    the check is undecided (None) when no seed fails but some cannot decide.
+    """
+    decided = [v for v, _ in verdicts if v is not None]
+    passed = sum(decided)
+    holds = None if len(decided) < len(verdicts) and passed == len(decided) else passed == len(verdicts)
+    details = "; ".join(f"seed {seed}: {detail}" for seed, (_, detail) in zip(seeds, verdicts, strict=True))
+    result = check(claim, holds, f"{passed}/{len(verdicts)} seeds. {details}")
+    result["seeds_passed"], result["seeds"] = passed, len(verdicts)
+    return result
+
+
 def overall(checks: list[dict]) -> bool | None:
     """True when every check holds, False when any fails, None when none fails but one is undecided."""
     verdicts = [c["holds"] for c in checks]

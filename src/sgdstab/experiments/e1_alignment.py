@@ -15,12 +15,17 @@ K_aa of output a and its residuals e_a) and the share of ||K||_F^2 in the output
 mu = mean_a mu_a / C exactly, so C mu is the quantity of order one, and the bound
 ||H||_F <= sqrt(B/mu)/eta of SPEC.md section 3 reads sqrt(C B / (C mu))/eta: larger by sqrt(C)
 than for one output, as ||H||_F itself is (C blocks of the same size).
+
+Every seed of ``seeds`` trains every family and every multi-class run from its own
+initialisation and batches; each check reports "k/m seeds" and holds on every seed; the
+normalisation figures pool the seeds' runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from torch import Tensor
 from sgdstab.alignment import alignment
 from sgdstab.data import DatasetNotFoundError
 from sgdstab.errors import InputError
-from sgdstab.experiments.analysis import check, save_analysis, verdict
+from sgdstab.experiments.analysis import check, over_seeds, save_analysis, verdict
 from sgdstab.experiments.config import (
     FULL_MODELS,
     DataConfig,
@@ -79,7 +84,7 @@ class Config:
     alignment: str = "exact"
     num_probes: int = 50  # for alignment="stochastic"
     mu_floor: float = 0.1
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # each seed: every family's and arm's own initialisation and batches
     device: str = "cpu"
     dtype: str = "float32"
     # The multi-class arm: every family of multiclass_families on every data set of
@@ -203,25 +208,25 @@ def run(
 
 
 def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
-    """One run per family: SGD with mu measured along the way."""
+    """One run per (seed, family): SGD with mu measured along the way."""
     if len(config.lrs) != len(config.families):
         raise InputError(
             f"E1 needs one learning rate per family: {len(config.families)} families, {len(config.lrs)} lrs"
         )
     units = []
-    for family, lr in zip(config.families, config.lrs, strict=True):
-        spec = _spec(config, config.data, family, lr, config.max_steps, config.measure_every)
+    for seed, (family, lr) in itertools.product(config.seeds, zip(config.families, config.lrs, strict=True)):
+        spec = _spec(config, config.data, family, lr, config.max_steps, config.measure_every, seed)
         # The alignment settings change the recorded mu curve: they belong to the run's identity.
         run_config = spec_config(
             spec, family_label=family.title, alignment=config.alignment, num_probes=config.num_probes
         )
         work = functools.partial(_train_measuring_mu, spec=spec, config=config)
-        units.append(FolderTask(os.fspath(root), NAME, family.name, run_config, work))
+        units.append(FolderTask(os.fspath(root), NAME, f"{family.name}-s{seed}", run_config, work))
     return units
 
 
 def multiclass_tasks(config: Config, root: str | os.PathLike) -> tuple[list[FolderTask], list[dict]]:
-    """One run per (C-class data set, family), and a record for each data set whose files are missing."""
+    """One run per (seed, C-class data set, family), and a record for each data set whose files are missing."""
     if len(config.multiclass_lrs) != len(config.multiclass_families):
         raise InputError(
             f"E1 needs one learning rate per multi-class family: {len(config.multiclass_families)} families, "
@@ -241,18 +246,26 @@ def multiclass_tasks(config: Config, root: str | os.PathLike) -> tuple[list[Fold
                     {"skipped": True, "data": to_dict(data), "family_label": family.title, "reason": str(err)}
                 )
                 continue
-            spec = _spec(
-                config, data, family, lr, config.multiclass_max_steps, config.multiclass_measure_every
-            )
-            run_config = spec_config(spec, family_label=family.title, multiclass=True)
-            work = functools.partial(_train_measuring_outputs, spec=spec, config=config)
-            units.append(FolderTask(os.fspath(root), NAME, f"{family.name}-C{data.name}", run_config, work))
+            for seed in config.seeds:
+                spec = _spec(
+                    config,
+                    data,
+                    family,
+                    lr,
+                    config.multiclass_max_steps,
+                    config.multiclass_measure_every,
+                    seed,
+                )
+                run_config = spec_config(spec, family_label=family.title, multiclass=True)
+                work = functools.partial(_train_measuring_outputs, spec=spec, config=config)
+                label = f"{family.name}-C{data.name}-s{seed}"
+                units.append(FolderTask(os.fspath(root), NAME, label, run_config, work))
     return units, skipped
 
 
-def _alignment(problem: Problem, config: Config) -> dict[str, float]:
+def _alignment(problem: Problem, config: Config, seed: int) -> dict[str, float]:
     result = alignment(
-        problem, method=config.alignment, num_probes=config.num_probes, seed=config.seed, hessian=False
+        problem, method=config.alignment, num_probes=config.num_probes, seed=seed, hessian=False
     )
     return {"mu": result.mu, "mu_stderr": result.stderr}
 
@@ -264,7 +277,8 @@ def _output_alignment(problem: Problem, config: Config) -> dict[str, float]:
 
 
 def _train_measuring_mu(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
-    _, result = run_training(folder.path, spec, measure=functools.partial(_alignment, config=config))
+    measure = functools.partial(_alignment, config=config, seed=spec.seed)
+    _, result = run_training(folder.path, spec, measure=measure)
     return {"train": result.summary(), "mu_curve": _curve(result, ("mu", "mu_stderr"))}
 
 
@@ -274,10 +288,11 @@ def _train_measuring_outputs(folder: RunFolder, spec: TrainSpec, config: Config)
 
 
 def _spec(
-    config: Config, data: DataConfig, family: ModelConfig, lr: float, steps: int, every: int
+    config: Config, data: DataConfig, family: ModelConfig, lr: float, steps: int, every: int, seed: int
 ) -> TrainSpec:
     return recipe_spec(
         config,
+        seed=seed,
         data=data,
         model=family,
         lr=lr,
@@ -298,6 +313,51 @@ def _curve(result, keys: tuple[str, ...]) -> list[dict]:
 
 
 def analyse(records: list[dict], config: Config, multiclass: list[dict] | None = None) -> dict:
+    """Each seed's checks, reported as "k/m seeds"; the multi-class normalisation over every seed's runs.
+
+    ``multiclass``: the multi-class arm's records and the skipped data sets' entries.
+    """
+    multiclass = multiclass or []
+    skipped = [r for r in multiclass if r.get("skipped")]
+    per_seed = []
+    for seed in config.seeds:
+        mine = [r for r in records if r["config"]["train"]["seed"] == seed]
+        arm = [r for r in multiclass if not r.get("skipped") and r["config"]["train"]["seed"] == seed]
+        per_seed.append(_seed_checks(mine, config, [*arm, *skipped]))
+    checks = [
+        over_seeds(
+            config.seeds,
+            per_seed[0][index]["claim"],
+            [(seed_checks[index]["holds"], seed_checks[index]["detail"]) for seed_checks in per_seed],
+        )
+        for index in range(len(per_seed[0]))
+    ]
+    rows = _family_rows(records)
+    multiclass_rows, _, normalisation = _analyse_multiclass(
+        multiclass, config, [r for r in rows if r["mu_min"] is not None]
+    )
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        rows=rows,
+        multiclass_rows=multiclass_rows,
+        multiclass_skipped=[
+            {
+                "data": r["data"]["name"],
+                "n": r["data"]["n"],
+                "family": r["family_label"],
+                "reason": r["reason"],
+            }
+            for r in skipped
+        ],
+        normalisation=normalisation,
+    )
+
+
+def _family_rows(records: list[dict]) -> list[dict]:
     rows = []
     for record in records:
         curve = [
@@ -307,6 +367,7 @@ def analyse(records: list[dict], config: Config, multiclass: list[dict] | None =
         rows.append(
             {
                 "family": record["config"]["family_label"],
+                "seed": record["config"]["train"]["seed"],
                 "model": record["config"]["train"]["model"]["name"],
                 "lr": record["config"]["train"]["lr"],
                 "status": record["train"]["status"],
@@ -318,7 +379,12 @@ def analyse(records: list[dict], config: Config, multiclass: list[dict] | None =
                 "curve": record["mu_curve"],
             }
         )
-    measured = [r for r in rows if r["mu_min"] is not None]
+    return rows
+
+
+def _seed_checks(records: list[dict], config: Config, multiclass: list[dict]) -> list[dict]:
+    """One seed's checks: mu's floor for every family, then the multi-class arm's."""
+    measured = [r for r in _family_rows(records) if r["mu_min"] is not None]
     if measured:
         lowest = min(measured, key=lambda r: r["mu_min"])
         per_family = "; ".join(f"{r['family']}: {r['mu_min']:.3g}" for r in measured)
@@ -335,26 +401,7 @@ def analyse(records: list[dict], config: Config, multiclass: list[dict] | None =
                 f"min mu along training >= {config.mu_floor:g} for every family", None, "no mu was measured"
             )
         ]
-    multiclass_rows, multiclass_checks, normalisation = _analyse_multiclass(
-        multiclass or [], config, measured
-    )
-    checks += multiclass_checks
-    skipped = [
-        {"data": r["data"]["name"], "n": r["data"]["n"], "family": r["family_label"], "reason": r["reason"]}
-        for r in multiclass or []
-        if r.get("skipped")
-    ]
-    return verdict(
-        NAME,
-        TITLE,
-        CLAIM,
-        checks,
-        config,
-        rows=rows,
-        multiclass_rows=multiclass_rows,
-        multiclass_skipped=skipped,
-        normalisation=normalisation,
-    )
+    return checks + _analyse_multiclass(multiclass, config, measured)[1]
 
 
 #: C mu is taken to be the order-one normalisation when every measurement lies in this range.
@@ -376,6 +423,7 @@ def _analyse_multiclass(
         rows.append(
             {
                 "family": record["config"]["family_label"],
+                "seed": record["config"]["train"]["seed"],
                 "data": data["name"],
                 "n": data["n"],
                 "C": outputs,

@@ -32,7 +32,7 @@ import torch
 
 from sgdstab.alignment import alignment
 from sgdstab.estimators import top_eigenvalues
-from sgdstab.experiments.analysis import check, save_analysis, verdict
+from sgdstab.experiments.analysis import over_seeds, save_analysis, verdict
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -303,19 +303,19 @@ def analyse(records: list[dict], config: Config, scan: dict | None = None) -> di
         rows.append(row)
     sgd_arms = [arm_name(b) for b in config.batch_sizes]
     checks = [
-        _over_seeds(
+        over_seeds(
             config.seeds,
             f"GD ends at its edge (eta lambda_max in [{config.edge_band[0]:g}, {config.edge_band[1]:g}]) at every "
             "width that started above 2/eta",
             [gd_at_edge(_seed_rows(rows, s), lr, config.edge_band) for s in config.seeds],
         ),
-        _over_seeds(
+        over_seeds(
             config.seeds,
             "GD's ||H||_F and tr H grow with width, and ||H||_F > 2/eta at the widest width",
             [gd_grows(_seed_rows(rows, s), lr) for s in config.seeds],
         ),
         *(
-            _over_seeds(
+            over_seeds(
                 config.seeds,
                 f"{arm} ends under sqrt(B/mu)/eta at every width and n, its ||H||_F within a factor "
                 f"{config.max_spread:g} over widths",
@@ -324,7 +324,7 @@ def analyse(records: list[dict], config: Config, scan: dict | None = None) -> di
             for arm in sgd_arms
         ),
         *(
-            _over_seeds(
+            over_seeds(
                 config.seeds,
                 f"the GD/{arm} ||H||_F ratio grows with width and is >= {config.ratio_floor:g} at the widest",
                 [ratio_grows(_seed_rows(rows, s), arm, config.ratio_floor) for s in config.seeds],
@@ -375,17 +375,6 @@ def widths_summary(rows: list[dict], arm: str) -> list[dict]:
                 }
             )
     return summary
-
-
-def _over_seeds(seeds: tuple[int, ...], claim: str, verdicts: list[tuple[bool | None, str]]) -> dict:
-    """One check from per-seed verdicts: holds when it holds on every seed ("k/m seeds")."""
-    decided = [v for v, _ in verdicts if v is not None]
-    passed = sum(decided)
-    holds = None if len(decided) < len(verdicts) and passed == len(decided) else passed == len(verdicts)
-    details = "; ".join(f"seed {seed}: {detail}" for seed, (_, detail) in zip(seeds, verdicts, strict=True))
-    result = check(claim, holds, f"{passed}/{len(verdicts)} seeds. {details}")
-    result["seeds_passed"], result["seeds"] = passed, len(verdicts)
-    return result
 
 
 def gd_at_edge(rows: list[dict], lr: float, band: tuple[float, float]) -> tuple[bool | None, str]:

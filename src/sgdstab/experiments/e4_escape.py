@@ -10,6 +10,10 @@ log of the mean loss over independent SGD runs grows at least by log q per step 
 nonlinearity takes over. ``stability`` gives the rigorous factor with mu_min and the exact rate
 log rho(T). One run then goes on until it converges again, at a flatter minimum that should
 satisfy ||H||_F <= 1 / (eta sqrt(p_B mu)).
+
+Every seed of ``seeds`` is a whole replicate (initialisation, GD minimum, escapes, settling):
+each check reports "k/m seeds" and holds when it holds on every seed; the rates are given per
+seed and as mean +- standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sgdstab.errors import InputError
-from sgdstab.experiments.analysis import check, quiet_stability, save_analysis, verdict
+from sgdstab.experiments.analysis import check, over_seeds, overall, quiet_stability, save_analysis, verdict
 from sgdstab.experiments.config import (
     DataConfig,
     MeasureConfig,
@@ -93,7 +98,7 @@ class Config:
     settle_steps: int = 10_000
     settle_loss_goal: float = 2e-4
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # each seed: its own initialisation, GD minimum and escapes
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -104,6 +109,18 @@ def validate(config: Config) -> None:
         raise InputError(
             f"E4.repeats must be >= 2, got {config.repeats}: the escape rate's error bar is the spread over runs"
         )
+    if config.repeats >= ESCAPE_SEED_STRIDE:
+        raise InputError(
+            f"E4.repeats must be < {ESCAPE_SEED_STRIDE}, got {config.repeats}: the escapes of two seeds "
+            "would share sampling seeds"
+        )
+
+
+#: Escape r of seed s samples its batches with seed s * ESCAPE_SEED_STRIDE + 1 + r: the seeds' escapes
+#: never share a stream (and seed 0's are those of the one-seed recipe, seeds 1 to repeats).
+ESCAPE_SEED_STRIDE = 1_000_000
+#: Single runs per seed kept in analysis.json for the figure (the fit uses them all).
+PLOTTED_CURVES = 64
 
 
 def default_config(scale: str) -> Config:
@@ -141,22 +158,26 @@ def run(
     progress: Progress = no_progress,
     executor: Executor | None = None,
 ) -> dict:
-    """GD to a sharp minimum, then the SGD escapes from it; analyse.
+    """Each seed's GD to a sharp minimum, then the SGD escapes from it; analyse.
 
-    The escapes are independent runs, on ``executor`` (None: here, in order); the first one
-    settles at a new minimum after its escape, in its own task.
+    Each stage holds the runs of all seeds (the GD runs, then every escape), independent runs on
+    ``executor`` (None: here, in order); the first escape of each seed also settles at a new
+    minimum, in its own task. A seed whose GD did not converge gets no escapes.
     """
-    (minimum,) = run_stage([minimum_task(config, root)], executor, progress)
-    if minimum["train"]["status"] != "converged":
-        return save_analysis(root, NAME, analyse(minimum, [], config))
-    escapes = run_stage(escape_tasks(config, root, minimum), executor, progress)
-    progress(NAME, config.repeats + 1, config.repeats + 1)
-    return save_analysis(root, NAME, analyse(minimum, escapes, config))
+    gd = run_stage([minimum_task(config, root, seed) for seed in config.seeds], executor, progress)
+    minima = dict(zip(config.seeds, gd, strict=True))
+    reached = [seed for seed in config.seeds if minima[seed]["train"]["status"] == "converged"]
+    tasks = [task for seed in reached for task in escape_tasks(config, root, minima[seed], seed)]
+    records = run_stage(tasks, executor, progress)
+    escapes = {seed: records[i * config.repeats : (i + 1) * config.repeats] for i, seed in enumerate(reached)}
+    progress(NAME, len(records) + len(gd), len(records) + len(gd))
+    return save_analysis(root, NAME, analyse(minima, escapes, config))
 
 
-def _gd_spec(config: Config) -> TrainSpec:
+def _gd_spec(config: Config, seed: int) -> TrainSpec:
     return recipe_spec(
         config,
+        seed=seed,
         lr=config.gd_lr,
         batch_size=None,
         max_steps=config.gd_max_steps,
@@ -165,9 +186,9 @@ def _gd_spec(config: Config) -> TrainSpec:
     )
 
 
-def minimum_task(config: Config, root: str | os.PathLike) -> FolderTask:
-    """GD to a sharp minimum, and the curvature and linear stability of SGD there."""
-    gd_spec = _gd_spec(config)
+def minimum_task(config: Config, root: str | os.PathLike, seed: int) -> FolderTask:
+    """GD from ``seed``'s initialisation to a sharp minimum, and the curvature and linear stability of SGD there."""
+    gd_spec = _gd_spec(config, seed)
     gd_config = spec_config(
         gd_spec,
         measure=to_dict(config.measure),
@@ -179,11 +200,11 @@ def minimum_task(config: Config, root: str | os.PathLike) -> FolderTask:
         linearized_chains=config.linearized_chains,
     )
     work = functools.partial(_sharp_minimum, spec=gd_spec, config=config)
-    return FolderTask(os.fspath(root), NAME, "gd", gd_config, work)
+    return FolderTask(os.fspath(root), NAME, f"gd-s{seed}", gd_config, work)
 
 
-def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list[FolderTask]:
-    """The SGD escapes from ``minimum`` (the GD run's record), one per repeat; the first also settles."""
+def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict, seed: int) -> list[FolderTask]:
+    """The SGD escapes from ``minimum`` (``seed``'s GD record), one per repeat; the first also settles."""
     units = []
     for repeat in range(config.repeats):
         spec = recipe_spec(
@@ -194,7 +215,7 @@ def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list
             max_steps=config.escape_steps,
             loss_goal=None,
             eval_every=1,
-            seed=config.seed + 1 + repeat,
+            seed=seed * ESCAPE_SEED_STRIDE + 1 + repeat,
             init_from=minimum["folder"],  # relative to root: a moved suite resumes
         )
         # Repeat 0 also trains on until SGD converges again, and measures where it settled.
@@ -203,7 +224,7 @@ def escape_tasks(config: Config, root: str | os.PathLike, minimum: dict) -> list
             FolderTask(
                 os.fspath(root),
                 NAME,
-                f"sgd-r{repeat}",
+                f"sgd-s{seed}-r{repeat}",
                 spec_config(spec, settle=settle, **(_settle_settings(config) if settle else {})),
                 functools.partial(_escape, spec=spec, config=config, settle=settle),
             )
@@ -234,7 +255,7 @@ def _sharp_minimum(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
         config.sampling,
         num_steps=config.escape_steps,
         num_chains=config.linearized_chains,
-        seed=config.seed,
+        seed=spec.seed,
         init=problem.residuals().reshape(-1),
     )
     return {
@@ -337,8 +358,60 @@ def escape_rate(
     }
 
 
-def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
-    analysis: dict[str, Any] = {"minimum": minimum}
+def analyse(minima: dict[int, dict], escapes: dict[int, list[dict]], config: Config) -> dict:
+    """Each seed's analysis (``analyse_seed``), its checks as "k/m seeds" and the rates' spread over seeds.
+
+    ``minima``: each seed's GD record; ``escapes``: each seed's escape records (missing or empty
+    where GD did not converge).
+    """
+    per_seed = [analyse_seed(minima[seed], escapes.get(seed, []), config, seed) for seed in config.seeds]
+    checks = [
+        over_seeds(
+            config.seeds,
+            per_seed[0]["checks"][index]["claim"],
+            [(seed["checks"][index]["holds"], seed["checks"][index]["detail"]) for seed in per_seed],
+        )
+        for index in range(len(per_seed[0]["checks"]))
+    ]
+    measured = [seed for seed in per_seed if "measured" in seed]
+    supported = {seed["supported_prediction"] for seed in measured}
+    return verdict(
+        NAME,
+        TITLE,
+        CLAIM,
+        checks,
+        config,
+        seeds=per_seed,
+        spread=rate_spread(measured),
+        supported_prediction=supported.pop() if len(supported) == 1 else ("mixed" if supported else None),
+    )
+
+
+def rate_spread(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of the measured, exact and predicted rates and their ratios."""
+    quantities = {
+        "measured_rate": [s["measured"]["rate"] for s in per_seed],
+        "exact_rate": [s["minimum"]["exact_rate"] for s in per_seed],
+        "predicted_rate": [s["minimum"]["predicted_rate"] for s in per_seed],
+        "measured_over_exact": [s["measured"]["rate"] / s["minimum"]["exact_rate"] for s in per_seed],
+        "measured_over_predicted": [s["measured"]["rate"] / s["minimum"]["predicted_rate"] for s in per_seed],
+    }
+    return {
+        name: {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+            "seeds": len(values),
+        }
+        for name, values in quantities.items()
+        if values
+    }
+
+
+def analyse_seed(minimum: dict, escapes: list[dict], config: Config, seed: int) -> dict:
+    """One seed's checks: the measured escape rate against log rho(T) and the rigorous rate, and the settling."""
+    analysis: dict[str, Any] = {"seed": seed, "minimum": minimum}
     claim_exact = (
         f"after the transient the log mean loss grows at the exact linearised rate log rho(T) "
         f"(within {config.rate_tolerance:.0%})"
@@ -351,13 +424,13 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
             check(claim_rigorous, None, f"GD did not reach a minimum ({minimum['train']['status']})"),
             check(claim_settle, None, "no escape was run"),
         ]
-        return verdict(NAME, TITLE, CLAIM, checks, config, **analysis)
+        return {**analysis, "holds": overall(checks), "checks": checks}
 
     measured = escape_rate(
         [record["curve"] for record in escapes],
         config.fit_max_loss,
         config.bootstrap,
-        config.seed,
+        seed,
         config.fit_start,
     )
     window = slice(measured["fit_start"], measured["fit_end"])
@@ -414,16 +487,13 @@ def analyse(minimum: dict, escapes: list[dict], config: Config) -> dict:
         )
         analysis["settled_bound"] = bound
     checks = [exact_check, rigorous_check, settle_check]
-    return verdict(
-        NAME,
-        TITLE,
-        CLAIM,
-        checks,
-        config,
+    return {
         **analysis,
-        supported_prediction=supported,
-        measured=measured,
-        linearized_rate=linearized,
-        curves=[record["curve"] for record in escapes],
-        settled=settled,
-    )
+        "holds": overall(checks),
+        "checks": checks,
+        "supported_prediction": supported,
+        "measured": measured,
+        "linearized_rate": linearized,
+        "curves": [record["curve"] for record in escapes[:PLOTTED_CURVES]],
+        "settled": settled,
+    }

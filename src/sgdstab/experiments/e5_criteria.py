@@ -9,6 +9,9 @@ empirical threshold: bisection on eta for the growth of E L~ in linearised SGD
 (24), Frobenius with mu_min), wme <= eta* for the sufficient one, and the empirical threshold at
 eta*. Which criteria are necessary, and the words of the claim, come from the registry
 ``stability.criteria.STABILITY_CRITERIA``.
+
+Every seed of ``seeds`` finds its own minima (its own initialisation and, for SGD, batches) and
+runs its own empirical bisection; each check reports "k/m seeds" and holds on every seed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sgdstab.experiments.analysis import check, quiet_stability, save_analysis, verdict
+from sgdstab.experiments.analysis import check, over_seeds, quiet_stability, save_analysis, verdict
 from sgdstab.experiments.config import DataConfig, ModelConfig, full_data, preset, quick_data, to_dict
 from sgdstab.experiments.runs import (
     FolderTask,
@@ -72,7 +75,7 @@ class Config:
     simulation_chains: int = 400
     bisection_steps: int = 5
     agreement_tol: float = 0.2  # |empirical / exact - 1| that counts as agreement
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -113,13 +116,13 @@ def run(
 
 
 def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
-    """One run per minimum: train to it, then evaluate every criterion there."""
+    """One run per (seed, minimum): train to it, then evaluate every criterion there."""
     settings = {
         k: to_dict(config)[k]
         for k in ("batch_sizes", "simulation_steps", "simulation_chains", "bisection_steps")
     }
     units = []
-    for minimum in config.minima:
+    for seed, minimum in ((seed, minimum) for seed in config.seeds for minimum in config.minima):
         sgd = minimum.batch_size is not None
         spec = recipe_spec(
             config,
@@ -129,12 +132,13 @@ def tasks(config: Config, root: str | os.PathLike) -> list[FolderTask]:
             max_steps=config.max_steps,
             loss_goal=config.loss_goal,
             eval_every=None if sgd else config.eval_every,
+            seed=seed,
         )
         units.append(
             FolderTask(
                 os.fspath(root),
                 NAME,
-                minimum.label.replace(" ", "-"),
+                f"{minimum.label.replace(' ', '-')}-s{seed}",
                 spec_config(spec, minimum_label=minimum.label, **settings),
                 functools.partial(_criteria, spec=spec, config=config),
             )
@@ -159,14 +163,14 @@ def _criteria(folder: RunFolder, spec: TrainSpec, config: Config) -> dict:
                 "lambda_max": linear.lambda_max,
                 "hessian_frobenius": linear.hessian_frobenius,
                 "trace": linear.trace,
-                "empirical": empirical_threshold(problem, batch_size, spec.lr, config),
+                "empirical": empirical_threshold(problem, batch_size, spec.lr, config, spec.seed),
             }
         )
     return {**final, "criteria": rows}
 
 
-def empirical_threshold(problem: Problem, batch_size: int, start: float, config: Config) -> float:
-    """The lr where E L~ of linearised SGD stops decaying.
+def empirical_threshold(problem: Problem, batch_size: int, start: float, config: Config, seed: int) -> float:
+    """The lr where E L~ of linearised SGD stops decaying (chains drawn with ``seed``).
 
     Brackets by doubling or halving from ``start``, then bisects in log space (resolution: a
     factor 2^(1/2^bisection_steps)).
@@ -180,7 +184,7 @@ def empirical_threshold(problem: Problem, batch_size: int, start: float, config:
             config.sampling,
             num_steps=config.simulation_steps,
             num_chains=config.simulation_chains,
-            seed=config.seed,
+            seed=seed,
         )
         return not result.growth_factor <= 1  # nan (overflow) counts as growth
 
@@ -199,12 +203,14 @@ def empirical_threshold(problem: Problem, batch_size: int, start: float, config:
 
 
 def analyse(records: list[dict], config: Config) -> dict:
+    """Every (seed, minimum, B) case as a row; each check per seed, reported as "k/m seeds"."""
     rows = []
     for record in records:
         for criteria in record.get("criteria", []):
             rows.append(
                 {
                     "minimum": record["config"]["minimum_label"],
+                    "seed": record["config"]["train"]["seed"],
                     "batch_size": criteria["batch_size"],
                     **criteria["thresholds"],
                     "empirical": criteria["empirical"],
@@ -213,17 +219,32 @@ def analyse(records: list[dict], config: Config) -> dict:
                     "hessian_frobenius": criteria["hessian_frobenius"],
                 }
             )
-    unconverged = [r["config"]["minimum_label"] for r in records if r["train"]["status"] != "converged"]
+    unconverged = [
+        f"{r['config']['minimum_label']} (seed {r['config']['train']['seed']})"
+        for r in records
+        if r["train"]["status"] != "converged"
+    ]
     if not rows:
         checks = [check("ordering", None, f"no minimum was reached ({', '.join(unconverged)})")]
-        return verdict(
-            NAME,
-            TITLE,
-            CLAIM,
-            checks,
-            config,
-            rows=rows,
-        )
+        return verdict(NAME, TITLE, CLAIM, checks, config, rows=rows)
+    per_seed = [seed_verdicts([r for r in rows if r["seed"] == seed], config) for seed in config.seeds]
+    claims = (
+        f"eta* <= min({', '.join(NECESSARY)}) at every minimum and B",
+        f"empirical threshold within {config.agreement_tol:.0%} of eta*",
+        " and ".join(STABILITY_CRITERIA[name].title for name in SUFFICIENT)
+        + " (sufficient) threshold <= eta*",
+    )
+    checks = [
+        over_seeds(config.seeds, claim, [verdicts[index] for verdicts in per_seed])
+        for index, claim in enumerate(claims)
+    ]
+    return verdict(NAME, TITLE, CLAIM, checks, config, rows=rows, unconverged=unconverged)
+
+
+def seed_verdicts(rows: list[dict], config: Config) -> list[tuple[bool | None, str]]:
+    """One seed's (holds, detail) for the ordering, the empirical agreement and the sufficient criterion."""
+    if not rows:
+        return [(None, "no minimum was reached")] * 3
 
     def below_all(row: dict) -> bool:
         # Relative slack for the rounding of two eigen-solvers computing the same number.
@@ -237,31 +258,15 @@ def analyse(records: list[dict], config: Config) -> dict:
     errors = [r["empirical"] / r["exact"] - 1 for r in rows]
     agreeing = sum(abs(e) <= config.agreement_tol for e in errors)
     sufficient = sum(all(r[name] <= r["exact"] * (1 + 1e-6) for name in SUFFICIENT) for r in rows)
-    checks = [
-        check(
-            f"eta* <= min({', '.join(NECESSARY)}) at every minimum and B",
+    return [
+        (
             len(ordered) == len(rows),
             f"{len(ordered)}/{len(rows)} cases; the tightest necessary criterion per case: "
             + "; ".join(f"{case}: {name}" for case, name in tightest.items()),
         ),
-        check(
-            f"empirical threshold within {config.agreement_tol:.0%} of eta*",
+        (
             agreeing == len(rows),
             f"{agreeing}/{len(rows)} cases; empirical/exact - 1: " + ", ".join(f"{e:+.1%}" for e in errors),
         ),
-        check(
-            " and ".join(STABILITY_CRITERIA[name].title for name in SUFFICIENT)
-            + " (sufficient) threshold <= eta*",
-            sufficient == len(rows),
-            f"{sufficient}/{len(rows)} cases",
-        ),
+        (sufficient == len(rows), f"{sufficient}/{len(rows)} cases"),
     ]
-    return verdict(
-        NAME,
-        TITLE,
-        CLAIM,
-        checks,
-        config,
-        rows=rows,
-        unconverged=unconverged,
-    )

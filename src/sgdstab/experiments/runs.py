@@ -136,7 +136,8 @@ def train_and_measure(
     of SPEC.md sections 2-3 is about minima. ``measure`` None: train only. ``overrides``: train
     arguments that change no number, e.g. ``checkpoint_every`` (see ``run_training``).
     """
-    problem, result = run_training(folder.path, spec, **overrides)
+    # A relative ``init_from`` names a folder of the suite, wherever the suite lies now.
+    problem, result = run_training(folder.path, spec, root=folder.root, **overrides)
     final = {"train": result.summary()}
     if measure is not None and result.status == "converged":
         final["curvature"] = curvature_summary(problem, **measure.kwargs()).to_dict()
@@ -178,16 +179,14 @@ class FolderTask(RunTask):
         return try_execute(self.root, self.experiment, self.label, self.config, self.work)
 
 
-def recipe_spec(config: Any, **fields: Any) -> TrainSpec:
-    """A TrainSpec on the data, model, seed, device and dtype a recipe config has; ``fields`` set
-    the rest (the learning rate, batch size, step caps) and may override those.
+def recipe_spec(config: Any, *, seed: int, **fields: Any) -> TrainSpec:
+    """A TrainSpec on the data, model, device and dtype a recipe config has, for one of its ``seeds``;
+    ``fields`` set the rest (the learning rate, batch size, step caps) and may override those.
     """
     shared = {
-        name: getattr(config, name)
-        for name in ("data", "model", "seed", "device", "dtype")
-        if hasattr(config, name)
+        name: getattr(config, name) for name in ("data", "model", "device", "dtype") if hasattr(config, name)
     }
-    return TrainSpec(**{**shared, **fields})
+    return TrainSpec(**{**shared, **fields, "seed": seed})
 
 
 def run_stage(
