@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sgdstab
-from reference import all_data, assert_matches, dense_hessian, tiny_network_problem
+from reference import all_data, assert_matches, dense_hessian, dense_loss, tiny_network_problem
 from sgdstab.estimators import power_iteration, top_eigenvalues
 from sgdstab.operators import HESSIAN_BACKENDS, hessian
 
@@ -114,3 +114,14 @@ def test_cache_graph_true_keeps_graphs_until_released():
     assert len(operator._kept_graphs) == 3 and operator.kept_graph_bytes > 0
     operator.release_graphs()
     assert operator._kept_graphs == [] and operator.kept_graph_bytes == 0
+
+
+def test_preferred_direction_is_the_loss_gradient_only_while_graphs_are_kept():
+    problem = tiny_network_problem("cnn", "cross_entropy")
+    operator = hessian(problem)
+    assert operator.preferred_direction() is None  # outside a block it would cost a pass
+    with operator.many_products():
+        gradient = torch.func.grad(dense_loss(problem))(problem.parameters())
+        assert_matches(operator.preferred_direction(), gradient, rtol=1e-8, atol=1e-14)
+        assert operator.kept_graph_bytes > 0  # built once, for the products that follow
+    assert hessian(problem, backend="forward_over_reverse").preferred_direction() is None

@@ -160,10 +160,8 @@ class HessianOperator(ProblemOperator):
                 result += self._forward_over_reverse(columns, x, y)
         else:
             for theta, grad in self._gradient_graphs():
-                result += torch.stack(
-                    [torch.autograd.grad(grad, theta, column, retain_graph=True)[0] for column in columns.T],
-                    1,
-                )
+                for index, column in enumerate(columns.T):
+                    result[:, index] += torch.autograd.grad(grad, theta, column, retain_graph=True)[0]
         return self.problem.reduce_sum(result) / self.problem.num_samples
 
     def _gradient_graphs(self) -> Iterator[tuple[Tensor, Tensor]]:
