@@ -6,7 +6,9 @@ Run it from the benchmark virtualenv (benchmarks/README.md), which has the peers
 the library itself never imports them. Rows, for each workload:
 
 - lambda_max to 1e-3: sgdstab ``top_eigenvalues`` (Lanczos) vs PyHessian ``eigenvalues``
-  (power iteration). Both errors are measured against a reference Lanczos run at tol 1e-6.
+  (power iteration). Both errors are measured against a reference Lanczos run at tol 1e-6. The
+  same row again 10 SGD steps later, Lanczos warm-started from the first call's eigenvector (as
+  a training monitor calls it) and PyHessian cold.
 - trace to 5% relative standard error: sgdstab ``trace(target_rel_stderr=0.05)`` vs PyHessian
   ``trace()`` with its own stopping rule (relative change of the running mean below 1e-3, at most
   100 probes); PyHessian's standard error is computed here from the probe values it returns.
@@ -15,8 +17,9 @@ the library itself never imports them. Rows, for each workload:
   Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products.
 - ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
   ``hutchinson_squared_fro``.
-- one HVP and one gradient: both sgdstab Hessian backends, curvlinops and PyHessian HVPs, and
-  plain PyTorch / sgdstab gradients.
+- one HVP and one gradient: sgdstab's default operator as estimators apply it (gradient graph
+  kept), one bare product, both backends on blocks, curvlinops and PyHessian HVPs, and plain
+  PyTorch / sgdstab gradients.
 
 Every peer sees the same function: sgdstab's square loss L = (1/2n) sum_i ||f(x_i) - y_i||^2 is
 ``MSELoss(reduction="sum") / (2n)``. PyHessian is given that callable as its criterion on the

@@ -165,3 +165,15 @@ def test_a_useless_preferred_direction_still_finds_the_top(direction):
     }[direction]
     result = top_eigenvalues(_WithPreferredDirection(op.matrix, hint), k=2, tol=1e-8)
     assert torch.allclose(result.values, torch.tensor([9.0, 5.0], dtype=torch.float64), rtol=1e-8)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_preferred_direction_opposite_to_the_gaussian_does_not_cancel_it(sign):
+    # d = 1: the Gaussian start is +-1, so adding a preferred direction of the other sign would
+    # give a zero start without the sign alignment.
+    result = top_eigenvalues(
+        _WithPreferredDirection(
+            torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([sign], dtype=torch.float64)
+        )
+    )
+    assert result.values.item() == 2.0 and result.converged

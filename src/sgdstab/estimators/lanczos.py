@@ -167,7 +167,9 @@ def _default_start(op: LinearOperator, generator: torch.Generator) -> Tensor:
     if preferred is None or not bool(torch.isfinite(preferred).all()) or not bool(preferred.any()):
         return start
     preferred = preferred.reshape(-1, 1).to(start)
-    return start / start.norm() + preferred / preferred.norm()
+    # The sign that agrees with the Gaussian: the two halves never cancel (norm >= sqrt(2)).
+    sign = 1.0 if float((start * preferred).sum()) >= 0 else -1.0
+    return start / start.norm() + sign * preferred / preferred.norm()
 
 
 @many_products
