@@ -75,7 +75,7 @@ class HessianOperator(ProblemOperator):
 
     Kept gradient graphs (double_backward). A product needs each chunk's gradient built with
     ``create_graph``; kept, that graph makes every later product one backward pass instead of a
-    forward and two backward passes (CNN of benchmarks/curvature.py: 2.1 instead of 2.8
+    forward and two backward passes (CNN of benchmarks/curvature.py: 2.3 instead of 4.1
     gradients per product), at the price of holding the chunk's activations and their
     derivatives in memory. ``cache_graph``:
 
@@ -139,11 +139,12 @@ class HessianOperator(ProblemOperator):
             self.release_graphs()
 
     def preferred_direction(self) -> Tensor | None:
-        """The loss gradient at theta, read off the gradient graphs, when they are kept (this
-        builds them, as the first product would); None when they are not, as it would then cost
-        a pass of its own. Near a minimum of a trained network the gradient lies mostly in the
-        top eigenspace of the Hessian (Gur-Ari, Roberts and Dyer, "Gradient descent happens in a
-        tiny subspace", arXiv:1812.04754, 2018).
+        """The loss gradient at theta, read off the gradient graphs when they may be kept (this
+        builds them as the first product would, so it is free when they fit the memory budget;
+        chunks beyond it cost a pass of their own); None when they may not, as the gradient
+        would then always cost a pass. Near a minimum of a trained network the gradient lies
+        mostly in the top eigenspace of the Hessian (Gur-Ari, Roberts and Dyer, "Gradient descent
+        happens in a tiny subspace", arXiv:1812.04754, 2018).
         """
         keeps = self.cache_graph is True or (self.cache_graph is None and self.in_many_products)
         if self.backend != "double_backward" or not keeps:
