@@ -6,7 +6,9 @@ Run it from the benchmark virtualenv (benchmarks/README.md), which has the peers
 the library itself never imports them. Rows, for each workload:
 
 - lambda_max to 1e-3: sgdstab ``top_eigenvalues`` (Lanczos) vs PyHessian ``eigenvalues``
-  (power iteration). Both errors are measured against a reference Lanczos run at tol 1e-6.
+  (power iteration). Both errors are measured against a reference Lanczos run at tol 1e-6. The
+  same row again 10 SGD steps later, Lanczos warm-started from the first call's eigenvector (as
+  a training monitor calls it) and PyHessian cold.
 - trace to 5% relative standard error: sgdstab ``trace(target_rel_stderr=0.05)`` vs PyHessian
   ``trace()`` with its own stopping rule (relative change of the running mean below 1e-3, at most
   100 probes); PyHessian's standard error is computed here from the probe values it returns.
@@ -15,8 +17,9 @@ the library itself never imports them. Rows, for each workload:
   Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products.
 - ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
   ``hutchinson_squared_fro``.
-- one HVP and one gradient: both sgdstab Hessian backends, curvlinops and PyHessian HVPs, and
-  plain PyTorch / sgdstab gradients.
+- one HVP and one gradient: sgdstab's default operator as estimators apply it (gradient graph
+  kept), one bare product, both backends on blocks, curvlinops and PyHessian HVPs, and plain
+  PyTorch / sgdstab gradients.
 
 Every peer sees the same function: sgdstab's square loss L = (1/2n) sum_i ||f(x_i) - y_i||^2 is
 ``MSELoss(reduction="sum") / (2n)``. PyHessian is given that callable as its criterion on the
@@ -31,6 +34,8 @@ noisy machine. Writes ``benchmarks/results/curvature.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime as _dt
 import importlib.metadata
 import json
@@ -48,7 +53,7 @@ from torch import nn
 
 import sgdstab
 from sgdstab.estimators import frobenius_norm, top_eigenvalues, trace
-from sgdstab.operators import hessian
+from sgdstab.operators import LinearOperator, hessian
 
 try:  # peers: benchmark-only dependencies
     import pyhessian
@@ -69,7 +74,11 @@ TRACE_REL_STDERR = 0.05
 TRACE_REL_ERROR = 0.05
 #: Issue 9's HVP / gradient goals per model family.
 HVP_GOAL = {"mlp": 2.2, "cnn": 2.5, "cnn_trained": 2.5}
+ESTIMATOR_HVP = "sgdstab HVP, default operator in an estimator (graph kept)"
+ROWS = ("hvp", "lambda_max", "lambda_max_warm", "trace", "certified_trace", "frobenius")
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 300, 128, 0.05
+#: SGD steps between two lambda_max calls of the warm-start (monitoring) row.
+WARM_STEPS = 10
 
 warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian's backward(create_graph)
 
@@ -123,12 +132,14 @@ def make_workload(name: str, n: int, mlp_widths: tuple[int, ...], cnn_channels: 
     return {"name": name, "description": description, "model": model, "x": inputs, "y": targets}
 
 
-def train_sgd(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Plain SGD on the benchmark's loss (1/2 mean ||f - y||^2), seed 0: a model away from its
+def train_sgd(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int = TRAIN_STEPS, seed: int = 0
+) -> float:
+    """Plain SGD on the benchmark's loss (1/2 mean ||f - y||^2): a model away from its
     initialisation, whose spectrum has a closer second eigenvalue. Returns the final full loss."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
-    for _ in range(TRAIN_STEPS):
+    for _ in range(steps):
         batch = torch.randint(0, len(inputs), (TRAIN_BATCH,), generator=generator)
         optimizer.zero_grad()
         (model(inputs[batch]) - targets[batch]).pow(2).sum(dim=1).mean().div(2).backward()
@@ -278,8 +289,55 @@ def check_same_operator(peers: Peers) -> dict:
     return {"pyhessian_vs_sgdstab": rel(theirs, ours), "curvlinops_vs_sgdstab": rel(curv, ours)}
 
 
-def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
-    """Lanczos to tol 1e-3 against PyHessian's power iteration, both started from seed r.
+class RecordingOperator(LinearOperator):
+    """Passes products to ``inner`` and keeps every column applied and its product, so the Ritz
+    values of a Lanczos run after each step can be read off afterwards (untimed)."""
+
+    def __init__(self, inner: LinearOperator):
+        super().__init__(inner.size, inner.dtype, inner.device)
+        self.inner = inner
+        self.columns: list[torch.Tensor] = []
+        self.products: list[torch.Tensor] = []
+
+    def _matmat(self, columns: torch.Tensor) -> torch.Tensor:
+        products = self.inner @ columns
+        self.columns.append(columns.clone())
+        self.products.append(products.clone())
+        return products
+
+    @contextlib.contextmanager
+    def many_products(self):
+        with self.inner.many_products():
+            yield self
+
+    def preferred_direction(self) -> torch.Tensor | None:
+        return self.inner.preferred_direction()
+
+    def top_ritz_values(self) -> list[float]:
+        """The largest eigenvalue of Q_m^T H Q_m for m = 1, 2, ...: Lanczos's top Ritz value
+        after each of its steps (its applied columns are its orthonormal basis)."""
+        basis, images = torch.cat(self.columns, 1).double(), torch.cat(self.products, 1).double()
+        values = []
+        for m in range(1, basis.shape[1] + 1):
+            projected = basis[:, :m].T @ images[:, :m]
+            values.append(float(torch.linalg.eigvalsh((projected + projected.T) / 2)[-1]))
+        return values
+
+
+def lanczos_first_accurate_step(
+    peers: Peers, seed: int, reference: float, init: torch.Tensor | None = None
+) -> int | None:
+    """The first step after which Lanczos (run as top_eigenvalues runs it, seed ``seed``) has a
+    top Ritz value within 1e-3 of the reference: what an oracle stop would cost, against the
+    rigorous residual stop top_eigenvalues uses."""
+    recorder = RecordingOperator(hessian(peers.problem))
+    top_eigenvalues(recorder, k=1, tol=LAMBDA_TOL, seed=seed, init=init)
+    return first_accurate(recorder.top_ritz_values(), reference, LAMBDA_TOL)
+
+
+def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300, init: torch.Tensor | None = None) -> dict:
+    """Lanczos to tol 1e-3 against PyHessian's power iteration, both started from seed r
+    (Lanczos from ``init`` instead when given: a warm start).
 
     PyHessian appears twice, from one run per repeat: stopped by its own rule (relative change
     of the Rayleigh quotient below 1e-3, which says nothing about its error) and stopped at the
@@ -298,16 +356,19 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
 
     ours, own, oracle = [], [], []
     for r in range(repeats):
-        # cache_graph: PyHessian also builds its gradient graph once and reuses it for every HVP.
+        # The default operator: inside an estimator it keeps its gradient graph, as PyHessian does.
         t, res = timed(
-            lambda r=r: top_eigenvalues(hessian(peers.problem, cache_graph=True), k=1, tol=LAMBDA_TOL, seed=r)
+            lambda r=r: top_eigenvalues(hessian(peers.problem), k=1, tol=LAMBDA_TOL, seed=r, init=init)
         )
         value = float(res.values[0])
+        first = lanczos_first_accurate_step(peers, r, lam, init)
         ours.append(
             {
                 "time_s": t,
+                "time_per_matvec_s": t / res.num_matvecs,
                 "value": value,
                 "num_matvecs": res.num_matvecs,
+                "first_accurate_step": None if first is None else first + 1,
                 "rel_error": abs(value - lam) / lam,
                 "rel_residual_bound": float(res.residual_norms[0]) / abs(value),
             }
@@ -326,6 +387,7 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
             if i is None
             else {
                 "time_s": rec.records[i][0] - start,
+                "time_per_hvp_s": (rec.records[i][0] - start) / (i + 1),
                 "value": thetas[i - 1],
                 "num_hvps": i + 1,
                 "num_gradients": 1,
@@ -336,6 +398,8 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
         oracle.append(
             {
                 "time_s": (rec.records[j][0] if j is not None else clock()) - start,
+                "time_per_hvp_s": ((rec.records[j][0] if j is not None else clock()) - start)
+                / ((j + 1) if j is not None else len(thetas)),
                 "value": thetas[j if j is not None else -1],
                 "num_hvps": (j + 1) if j is not None else len(thetas),
                 "num_gradients": 1,
@@ -360,13 +424,27 @@ def lambda_max_row(peers: Peers, repeats: int, max_iter: int = 300) -> dict:
     }
 
 
+def warm_lambda_max_row(work: dict, peers: Peers, repeats: int) -> dict:
+    """lambda_max as a training monitor measures it: WARM_STEPS SGD steps after a call at tol
+    1e-3, Lanczos starts from that call's top eigenvector; PyHessian has no warm start (cold).
+    The workload's own model is left as it was (the steps move a copy)."""
+    previous = top_eigenvalues(hessian(peers.problem), k=1, tol=LAMBDA_TOL, seed=0)
+    moved = copy.deepcopy(work["model"])
+    train_sgd(moved, work["x"], work["y"], steps=WARM_STEPS, seed=1)
+    moved_peers = Peers({**work, "model": moved}, peers.chunk_size)
+    row = lambda_max_row(moved_peers, repeats, init=previous.vectors[:, 0])
+    row["sgd_steps_since_previous_call"] = WARM_STEPS
+    row["previous_value"] = float(previous.values[0])
+    return row
+
+
 def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     ours, theirs = [], []
     for r in range(repeats):
         # ``block`` probes, then 32 more (the default block_size) until the stderr is 5%.
         t, res = timed(
             lambda r=r: trace(
-                hessian(peers.problem, cache_graph=True),
+                hessian(peers.problem),
                 num_probes=block,
                 target_rel_stderr=TRACE_REL_STDERR,
                 seed=r,
@@ -400,11 +478,7 @@ def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
     scaled to the same standard error, and against curvlinops' XTrace at the same products."""
     ours, theirs = [], []
     for r in range(repeats):
-        t, res = timed(
-            lambda r=r: trace(
-                hessian(peers.problem, cache_graph=True), target_rel_error=TRACE_REL_ERROR, seed=r
-            )
-        )
+        t, res = timed(lambda r=r: trace(hessian(peers.problem), target_rel_error=TRACE_REL_ERROR, seed=r))
         ours.append({"time_s": t, "value": res.value, "stderr": res.stderr, "num_matvecs": res.num_matvecs})
         torch.manual_seed(r)  # curvlinops draws its test vectors from the global generator
         t, value = timed(
@@ -453,7 +527,7 @@ def frobenius_row(peers: Peers, repeats: int, num_probes: int) -> dict:
     for r in range(repeats):
         t, res = timed(
             lambda r=r: frobenius_norm(
-                hessian(peers.problem, cache_graph=True), num_probes=num_probes, block_size=num_probes, seed=r
+                hessian(peers.problem), num_probes=num_probes, block_size=num_probes, seed=r
             )
         )
         ours.append(
@@ -488,7 +562,7 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
     V = torch.randn(p, block, generator=torch.Generator().manual_seed(3))
     h_db = hessian(peers.problem, backend="double_backward")
     h_for = hessian(peers.problem, backend="forward_over_reverse")
-    h_cached = hessian(peers.problem, cache_graph=True)
+    h_estimator = hessian(peers.problem)
     v_list = peers.to_list(v)
 
     ph = peers.pyhessian()
@@ -500,9 +574,11 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
     cases = {
         "gradient (torch autograd)": (peers.autograd_gradient, 1),
         "gradient (sgdstab Problem.gradient)": (peers.problem.gradient, 1),
-        "sgdstab HVP double_backward": (lambda: h_db @ v, 1),
+        # A product as every estimator applies it: the default operator inside many_products(),
+        # whose gradient graph the block's first product built (not timed, like PyHessian's).
+        ESTIMATOR_HVP: (lambda: h_estimator @ v, 1),
+        "sgdstab HVP double_backward, one bare product": (lambda: h_db @ v, 1),
         "sgdstab HVP forward_over_reverse": (lambda: h_for @ v, 1),
-        "sgdstab HVP double_backward, cached graph": (lambda: h_cached @ v, 1),
         f"sgdstab HVP double_backward, block of {block}": (lambda: h_db @ V, block),
         f"sgdstab HVP forward_over_reverse, block of {block}": (lambda: h_for @ V, block),
         "curvlinops HVP": (lambda: peers.curvlinops_hessian @ v, 1),
@@ -510,12 +586,13 @@ def hvp_row(peers: Peers, repeats: int, block: int) -> dict:
         "PyHessian HVP on its reused graph": (pyhessian_reused, 1),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn, columns in cases.values():  # warm-up (torch.func first-call overhead)
-        if columns == 1:
-            fn()
-    for _ in range(repeats):
-        for name, (fn, columns) in cases.items():
-            times[name].append(timed(fn)[0] / columns)
+    with h_estimator.many_products():
+        for fn, columns in cases.values():  # warm-up (torch.func first-call overhead)
+            if columns == 1:
+                fn()
+        for _ in range(repeats):
+            for name, (fn, columns) in cases.items():
+                times[name].append(timed(fn)[0] / columns)
     peers.release_pyhessian()
     grad = times["gradient (torch autograd)"]
     return {
@@ -537,122 +614,140 @@ def _med(rows: list[dict], key: str) -> float:
     return median([r[key] for r in rows if r is not None])
 
 
+def _med_or_none(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{median(values):g}" if values else "-"
+
+
 def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
     """Table rows: (what, time, cost, estimate, peer time / sgdstab time)."""
     rows = []
-    lm = res["lambda_max"]
-    o, own, orc = lm["sgdstab"], lm["pyhessian_own_rule"], lm["pyhessian_to_1e-3"]
-    lam = lm["reference"]["value"]
-    rows.append((f"{name}: lambda_max to {LAMBDA_TOL:g}", "", "", f"reference {lam:.6g}", ""))
-    rows.append(
-        (
-            "  sgdstab top_eigenvalues (Lanczos)",
-            fmt_time(_med(o, "time_s")),
-            f"{_med(o, 'num_matvecs'):g} HVP",
-            f"{_med(o, 'value'):.6g} (err {max(r['rel_error'] for r in o):.0e}, bound {max(r['rel_residual_bound'] for r in o):.0e})",
-            "",
+    for key in ("lambda_max", "lambda_max_warm"):
+        if key not in res:
+            continue
+        lm = res[key]
+        o, own, orc = lm["sgdstab"], lm["pyhessian_own_rule"], lm["pyhessian_to_1e-3"]
+        lam = lm["reference"]["value"]
+        what = (
+            f"lambda_max to {LAMBDA_TOL:g}"
+            if key == "lambda_max"
+            else f"lambda_max {WARM_STEPS} SGD steps later, Lanczos warm-started (PyHessian cold)"
         )
-    )
-    valid = [r for r in own if r is not None]
-    if valid:
+        rows.append((f"{name}: {what}", "", "", f"reference {lam:.6g}", ""))
         rows.append(
             (
-                "  PyHessian eigenvalues, own rule",
-                fmt_time(_med(valid, "time_s")),
-                f"{_med(valid, 'num_hvps'):g} HVP + 1 grad",
-                f"{_med(valid, 'value'):.6g} (err {max(r['rel_error'] for r in valid):.0e})",
-                f"{lm['speedup_vs_own_rule']:.2f}x",
+                "  sgdstab top_eigenvalues (Lanczos)",
+                fmt_time(_med(o, "time_s")),
+                f"{_med(o, 'num_matvecs'):g} HVP ({fmt_time(_med(o, 'time_per_matvec_s'))} each; "
+                f"within 1e-3 after {_med_or_none(o, 'first_accurate_step')})",
+                f"{_med(o, 'value'):.6g} (err {max(r['rel_error'] for r in o):.0e}, bound {max(r['rel_residual_bound'] for r in o):.0e})",
+                "",
             )
         )
-    reached = "" if all(r["reached"] for r in orc) else " NOT reached in every repeat"
-    rows.append(
-        (
-            "  PyHessian eigenvalues, to 1e-3 error",
-            fmt_time(_med(orc, "time_s")),
-            f"{_med(orc, 'num_hvps'):g} HVP + 1 grad",
-            f"{_med(orc, 'value'):.6g} (err {max(r['rel_error'] for r in orc):.0e}){reached}",
-            f"{lm['speedup']:.2f}x",
+        valid = [r for r in own if r is not None]
+        if valid:
+            rows.append(
+                (
+                    "  PyHessian eigenvalues, own rule",
+                    fmt_time(_med(valid, "time_s")),
+                    f"{_med(valid, 'num_hvps'):g} HVP + 1 grad",
+                    f"{_med(valid, 'value'):.6g} (err {max(r['rel_error'] for r in valid):.0e})",
+                    f"{lm['speedup_vs_own_rule']:.2f}x",
+                )
+            )
+        reached = "" if all(r["reached"] for r in orc) else " NOT reached in every repeat"
+        rows.append(
+            (
+                "  PyHessian eigenvalues, to 1e-3 error",
+                fmt_time(_med(orc, "time_s")),
+                f"{_med(orc, 'num_hvps'):g} HVP + 1 grad ({fmt_time(_med(orc, 'time_per_hvp_s'))} each)",
+                f"{_med(orc, 'value'):.6g} (err {max(r['rel_error'] for r in orc):.0e}){reached}",
+                f"{lm['speedup']:.2f}x",
+            )
         )
-    )
-    tr = res["trace"]
-    o, p = tr["sgdstab"], tr["pyhessian"]
-    rows.append(
-        (f"{name}: trace, {TRACE_REL_STDERR:.0%} rel. stderr", "", "", f"z = {tr['z_score']:.2f}", "")
-    )
-    rows.append(
-        (
-            "  sgdstab trace (Hutchinson)",
-            fmt_time(_med(o, "time_s")),
-            f"{_med(o, 'num_matvecs'):g} HVP",
-            f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
-            "",
+    if "trace" in res:
+        tr = res["trace"]
+        o, p = tr["sgdstab"], tr["pyhessian"]
+        rows.append(
+            (f"{name}: trace, {TRACE_REL_STDERR:.0%} rel. stderr", "", "", f"z = {tr['z_score']:.2f}", "")
         )
-    )
-    rows.append(
-        (
-            "  PyHessian trace (own rule)",
-            fmt_time(_med(p, "time_s")),
-            f"{_med(p, 'num_hvps'):g} HVP + 1 grad",
-            f"{_med(p, 'value'):.5g} +- {_med(p, 'stderr'):.2g}",
-            f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)",
+        rows.append(
+            (
+                "  sgdstab trace (Hutchinson)",
+                fmt_time(_med(o, "time_s")),
+                f"{_med(o, 'num_matvecs'):g} HVP",
+                f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
+                "",
+            )
         )
-    )
-    ct = res["certified_trace"]
-    o, c = ct["sgdstab_xtrace"], ct["curvlinops_xtrace"]
-    rows.append(
-        (
-            f"{name}: trace to {TRACE_REL_ERROR:.0%} rel. error, certified",
-            "",
-            "",
-            f"z vs PyHessian = {ct['z_score_vs_pyhessian']:.2f}",
-            "",
+        rows.append(
+            (
+                "  PyHessian trace (own rule)",
+                fmt_time(_med(p, "time_s")),
+                f"{_med(p, 'num_hvps'):g} HVP + 1 grad",
+                f"{_med(p, 'value'):.5g} +- {_med(p, 'stderr'):.2g}",
+                f"{tr['speedup']:.2f}x ({tr['speedup_at_equal_stderr']:.2f}x at equal stderr)",
+            )
         )
-    )
-    rows.append(
-        (
-            "  sgdstab trace(target_rel_error) (XTrace)",
-            fmt_time(_med(o, "time_s")),
-            f"{_med(o, 'num_matvecs'):g} HVP",
-            f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
-            f"PyHessian at equal stderr {ct['speedup_vs_pyhessian_at_equal_stderr']:.2f}x "
-            f"(at 5% stderr {ct['speedup_vs_pyhessian_at_5pct_stderr']:.2f}x)",
+    if "certified_trace" in res:
+        ct = res["certified_trace"]
+        o, c = ct["sgdstab_xtrace"], ct["curvlinops_xtrace"]
+        rows.append(
+            (
+                f"{name}: trace to {TRACE_REL_ERROR:.0%} rel. error, certified",
+                "",
+                "",
+                f"z vs PyHessian = {ct['z_score_vs_pyhessian']:.2f}",
+                "",
+            )
         )
-    )
-    rows.append(
-        (
-            "  curvlinops xtrace, same products",
-            fmt_time(_med(c, "time_s")),
-            f"{_med(c, 'num_matvecs'):g} HVP",
-            f"{_med(c, 'value'):.5g}",
-            f"{ct['speedup_vs_curvlinops_xtrace']:.2f}x",
+        rows.append(
+            (
+                "  sgdstab trace(target_rel_error) (XTrace)",
+                fmt_time(_med(o, "time_s")),
+                f"{_med(o, 'num_matvecs'):g} HVP",
+                f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
+                f"PyHessian at equal stderr {ct['speedup_vs_pyhessian_at_equal_stderr']:.2f}x "
+                f"(at 5% stderr {ct['speedup_vs_pyhessian_at_5pct_stderr']:.2f}x)",
+            )
         )
-    )
-    fr = res["frobenius"]
-    o, p = fr["sgdstab"], fr["curvlinops"]
-    rows.append(
-        (f"{name}: ||H||_F^2, {fr['num_probes']} probes", "per probe", "", f"z = {fr['z_score']:.2f}", "")
-    )
-    rows.append(
-        (
-            "  sgdstab frobenius_norm (cached graph)",
-            fmt_time(_med(o, "time_per_probe_s")),
-            "",
-            f"{_med(o, 'value'):.5g} (stderr {_med(o, 'stderr'):.2g}, spread {fr['sgdstab_spread']:.2g})",
-            "",
+        rows.append(
+            (
+                "  curvlinops xtrace, same products",
+                fmt_time(_med(c, "time_s")),
+                f"{_med(c, 'num_matvecs'):g} HVP",
+                f"{_med(c, 'value'):.5g}",
+                f"{ct['speedup_vs_curvlinops_xtrace']:.2f}x",
+            )
         )
-    )
-    rows.append(
-        (
-            "  curvlinops hutchinson_squared_fro",
-            fmt_time(_med(p, "time_per_probe_s")),
-            "",
-            f"{_med(p, 'value'):.5g} (spread {fr['curvlinops_spread']:.2g})",
-            f"{fr['speedup']:.2f}x",
+    if "frobenius" in res:
+        fr = res["frobenius"]
+        o, p = fr["sgdstab"], fr["curvlinops"]
+        rows.append(
+            (f"{name}: ||H||_F^2, {fr['num_probes']} probes", "per probe", "", f"z = {fr['z_score']:.2f}", "")
         )
-    )
-    rows.append((f"{name}: HVP and gradient", "per column", "x gradient", "", ""))
-    for case, t in res["hvp"].items():
-        rows.append((f"  {case}", fmt_time(t["time_s"]), f"{t['ratio_to_gradient']:.2f}x", "", ""))
+        rows.append(
+            (
+                "  sgdstab frobenius_norm (cached graph)",
+                fmt_time(_med(o, "time_per_probe_s")),
+                "",
+                f"{_med(o, 'value'):.5g} (stderr {_med(o, 'stderr'):.2g}, spread {fr['sgdstab_spread']:.2g})",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  curvlinops hutchinson_squared_fro",
+                fmt_time(_med(p, "time_per_probe_s")),
+                "",
+                f"{_med(p, 'value'):.5g} (spread {fr['curvlinops_spread']:.2g})",
+                f"{fr['speedup']:.2f}x",
+            )
+        )
+    if "hvp" in res:
+        rows.append((f"{name}: HVP and gradient", "per column", "x gradient", "", ""))
+        for case, t in res["hvp"].items():
+            rows.append((f"  {case}", fmt_time(t["time_s"]), f"{t['ratio_to_gradient']:.2f}x", "", ""))
     return rows
 
 
@@ -688,44 +783,56 @@ def _read(path: str) -> str | None:
 
 
 def targets(name: str, res: dict) -> dict:
-    """Issue 9's targets (and consistency checks) for one workload: measured value, goal, met."""
-    lm, hvp, ct = res["lambda_max"], res["hvp"], res["certified_trace"]
-    hvp_ratio = hvp["sgdstab HVP double_backward"]["ratio_to_gradient"]
-    hvp_goal = HVP_GOAL.get(name, 2.5)
-    rows = {
-        "lambda_max speedup vs PyHessian at 1e-3 error": (lm["speedup"], ">= 3", lm["speedup"] >= 3),
-        "trace certified 5%: PyHessian time at equal stderr / sgdstab XTrace": (
-            ct["speedup_vs_pyhessian_at_equal_stderr"],
-            ">= 5",
-            ct["speedup_vs_pyhessian_at_equal_stderr"] >= 5,
-        ),
-        "trace certified 5%: curvlinops xtrace time / sgdstab XTrace (same products)": (
-            ct["speedup_vs_curvlinops_xtrace"],
-            ">= 1",
-            ct["speedup_vs_curvlinops_xtrace"] >= 1,
-        ),
-        "HVP (default operator, fresh) / gradient": (hvp_ratio, f"<= {hvp_goal}", hvp_ratio <= hvp_goal),
-        "curvlinops / sgdstab time per Frobenius probe": (
-            res["frobenius"]["speedup"],
-            ">= 1",
-            res["frobenius"]["speedup"] >= 1,
-        ),
-        "lambda_max error of sgdstab (max over repeats)": (
+    """Issue 9's targets (and consistency checks) for one workload and the rows it ran: measured
+    value, goal, met."""
+    rows = {}
+    for key, label in (("lambda_max", "lambda_max"), ("lambda_max_warm", "lambda_max warm-started")):
+        if key not in res:
+            continue
+        lm = res[key]
+        rows[f"{label} speedup vs PyHessian at 1e-3 error"] = (lm["speedup"], ">= 3", lm["speedup"] >= 3)
+        rows[f"{label} error of sgdstab (max over repeats)"] = (
             max(r["rel_error"] for r in lm["sgdstab"]),
             f"<= {LAMBDA_TOL:g}",
             all(r["rel_error"] <= LAMBDA_TOL for r in lm["sgdstab"]),
-        ),
-        "trace |sgdstab - PyHessian| / combined stderr": (
-            res["trace"]["z_score"],
-            "<= 2",
-            res["trace"]["z_score"] <= 2,
-        ),
-        "||H||_F^2 |sgdstab - curvlinops| / combined stderr": (
+        )
+    if "certified_trace" in res:
+        ct = res["certified_trace"]
+        rows["trace certified 5%: PyHessian time at equal stderr / sgdstab XTrace"] = (
+            ct["speedup_vs_pyhessian_at_equal_stderr"],
+            ">= 5",
+            ct["speedup_vs_pyhessian_at_equal_stderr"] >= 5,
+        )
+        rows["trace certified 5%: curvlinops xtrace time / sgdstab XTrace (same products)"] = (
+            ct["speedup_vs_curvlinops_xtrace"],
+            ">= 1",
+            ct["speedup_vs_curvlinops_xtrace"] >= 1,
+        )
+    if "hvp" in res:
+        hvp_ratio = res["hvp"][ESTIMATOR_HVP]["ratio_to_gradient"]
+        hvp_goal = HVP_GOAL.get(name, 2.5)
+        rows["HVP (default operator, as estimators apply it) / gradient"] = (
+            hvp_ratio,
+            f"<= {hvp_goal}",
+            hvp_ratio <= hvp_goal,
+        )
+    if "frobenius" in res:
+        rows["curvlinops / sgdstab time per Frobenius probe"] = (
+            res["frobenius"]["speedup"],
+            ">= 1",
+            res["frobenius"]["speedup"] >= 1,
+        )
+        rows["||H||_F^2 |sgdstab - curvlinops| / combined stderr"] = (
             res["frobenius"]["z_score"],
             "<= 2",
             not res["frobenius"]["z_score"] > 2,
-        ),
-    }
+        )
+    if "trace" in res:
+        rows["trace |sgdstab - PyHessian| / combined stderr"] = (
+            res["trace"]["z_score"],
+            "<= 2",
+            res["trace"]["z_score"] <= 2,
+        )
     return {
         name: {"value": value, "goal": goal, "met": bool(met)} for name, (value, goal, met) in rows.items()
     }
@@ -765,6 +872,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--workloads", default="mlp,cnn,cnn_trained", help="comma-separated: mlp, cnn, cnn_trained"
     )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated rows to run (default all): {', '.join(ROWS)}; certified_trace needs trace",
+    )
     parser.add_argument("--chunk-size", type=int, default=1024, help="sgdstab chunk / curvlinops batch size")
     parser.add_argument(
         "--frobenius-probes", type=int, default=None, help="probes for ||H||_F^2 (default 16, 4 with --quick)"
@@ -798,6 +910,11 @@ def main(argv: list[str] | None = None) -> dict:
         return merge(args.merge, args.output)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    rows = [row.strip() for row in args.rows.split(",")]
+    if not set(rows) <= set(ROWS) or ("certified_trace" in rows and "trace" not in rows):
+        parser.error(
+            f"--rows takes some of {', '.join(ROWS)} (certified_trace with trace), got {args.rows!r}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     _clock[0] = _CLOCKS[args.clock]
@@ -837,11 +954,18 @@ def main(argv: list[str] | None = None) -> dict:
         }
         stamp = time.perf_counter()
         res["same_operator"] = check_same_operator(peers)
-        res["hvp"] = hvp_row(peers, args.repeats, block)
-        res["lambda_max"] = lambda_max_row(peers, args.repeats)
-        res["trace"] = trace_row(peers, args.repeats, block)
-        res["certified_trace"] = certified_trace_row(peers, args.repeats, res["trace"])
-        res["frobenius"] = frobenius_row(peers, args.repeats, probes)
+        if "hvp" in rows:
+            res["hvp"] = hvp_row(peers, args.repeats, block)
+        if "lambda_max" in rows:
+            res["lambda_max"] = lambda_max_row(peers, args.repeats)
+        if "lambda_max_warm" in rows:
+            res["lambda_max_warm"] = warm_lambda_max_row(work, peers, args.repeats)
+        if "trace" in rows:
+            res["trace"] = trace_row(peers, args.repeats, block)
+        if "certified_trace" in rows:
+            res["certified_trace"] = certified_trace_row(peers, args.repeats, res["trace"])
+        if "frobenius" in rows:
+            res["frobenius"] = frobenius_row(peers, args.repeats, probes)
         res["targets"] = targets(name, res)
         res["wall_s"] = time.perf_counter() - stamp
         results["workloads"][name] = res

@@ -129,3 +129,51 @@ def test_float32_operator_keeps_its_dtype():
 def test_bad_input_raises_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         top_eigenvalues(with_spectrum(range(10)), **kwargs)
+
+
+class _WithPreferredDirection(DenseOperator):
+    """A known spectrum whose preferred direction is given (a stand-in for a Hessian's gradient)."""
+
+    def __init__(self, matrix, direction):
+        super().__init__(matrix)
+        self.direction = direction
+
+    def preferred_direction(self):
+        return self.direction
+
+
+def test_a_preferred_direction_near_the_top_eigenvector_saves_products():
+    op = with_spectrum(hessian_like_spectrum(500), seed=3)
+    top_vector = torch.linalg.eigh(op.matrix).eigenvectors[:, -1]
+    noise = torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    informed = _WithPreferredDirection(op.matrix, top_vector + 0.1 * noise / noise.norm())
+    plain, helped = top_eigenvalues(op, k=1, tol=1e-6), top_eigenvalues(informed, k=1, tol=1e-6)
+    for result in (plain, helped):
+        assert abs(float(result.values[0]) - 40.0) <= 1e-6 * 40.0
+    assert helped.num_matvecs < plain.num_matvecs
+
+
+@pytest.mark.parametrize("direction", ["orthogonal to the top", "zero", "nan"])
+def test_a_useless_preferred_direction_still_finds_the_top(direction):
+    spectrum = torch.tensor(INDEFINITE, dtype=torch.float64)
+    op = with_spectrum(spectrum, seed=1)
+    eigenvectors = torch.linalg.eigh(op.matrix).eigenvectors
+    hint = {
+        "orthogonal to the top": eigenvectors[:, -2],  # the eigenvector of 5.0, not of 9.0
+        "zero": torch.zeros(100, dtype=torch.float64),
+        "nan": torch.full((100,), float("nan"), dtype=torch.float64),
+    }[direction]
+    result = top_eigenvalues(_WithPreferredDirection(op.matrix, hint), k=2, tol=1e-8)
+    assert torch.allclose(result.values, torch.tensor([9.0, 5.0], dtype=torch.float64), rtol=1e-8)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_preferred_direction_opposite_to_the_gaussian_does_not_cancel_it(sign):
+    # d = 1: the Gaussian start is +-1, so adding a preferred direction of the other sign would
+    # give a zero start without the sign alignment.
+    result = top_eigenvalues(
+        _WithPreferredDirection(
+            torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([sign], dtype=torch.float64)
+        )
+    )
+    assert result.values.item() == 2.0 and result.converged

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
 import torch
 from torch import Tensor
 
@@ -10,6 +14,24 @@ from sgdstab.errors import InputError
 from sgdstab.operators import LinearOperator
 
 WHICH = ("largest", "smallest", "both")
+
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def many_products(
+    estimator: Callable[Concatenate[LinearOperator, _Params], _Result],
+) -> Callable[Concatenate[LinearOperator, _Params], _Result]:
+    """Run ``estimator(op, ...)`` inside ``op.many_products()``: the operator may keep work its
+    products share (a Hessian's gradient graph) for the whole run and frees it on return.
+    """
+
+    @functools.wraps(estimator)
+    def run(op: LinearOperator, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        with op.many_products():
+            return estimator(op, *args, **kwargs)
+
+    return run
 
 
 def check_num_eigenvalues(op: LinearOperator, k: int, which: str) -> None:

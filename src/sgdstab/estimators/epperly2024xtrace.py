@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
 from sgdstab.errors import InputError
-from sgdstab.estimators._common import gaussian, make_generator
+from sgdstab.estimators._common import gaussian, make_generator, many_products
 from sgdstab.estimators.results import TraceResult
 from sgdstab.operators import LinearOperator
 
@@ -147,6 +147,7 @@ def _result(sketch: _XTraceSketch, num_matvecs: int) -> TraceResult:
     return TraceResult(value, stderr=error, num_matvecs=num_matvecs)
 
 
+@many_products
 def xtrace(
     op: LinearOperator,
     num_matvecs: int = 100,
@@ -173,6 +174,7 @@ def xtrace(
     return _result(sketch, op.num_matvecs - matvecs_before)
 
 
+@many_products
 def xtrace_to_error(
     op: LinearOperator,
     target_rel_error: float,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
 from sgdstab.errors import InputError
-from sgdstab.estimators._common import make_generator, rademacher
+from sgdstab.estimators._common import make_generator, many_products, rademacher
 from sgdstab.estimators.epperly2024xtrace import xtrace_to_error
 from sgdstab.estimators.results import FrobeniusResult, TraceResult
 from sgdstab.operators import LinearOperator
@@ -88,6 +88,7 @@ def _check_sampling(
         check_positive_float("target_rel_stderr", target_rel_stderr)
 
 
+@many_products
 def trace(
     op: LinearOperator,
     num_probes: int = 100,
@@ -126,6 +127,7 @@ def trace(
     return TraceResult(value=value, stderr=stderr, num_matvecs=num_matvecs)
 
 
+@many_products
 def frobenius_norm(
     op: LinearOperator,
     num_probes: int = 100,

@@ -22,24 +22,32 @@ from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
 from sgdstab.errors import InputError
-from sgdstab.estimators._common import check_num_eigenvalues, gaussian, make_generator, select_extremal
+from sgdstab.estimators._common import (
+    check_num_eigenvalues,
+    gaussian,
+    make_generator,
+    many_products,
+    select_extremal,
+)
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
 
 #: A new Lanczos vector shorter than this many machine epsilons times ||T|| is rounding noise:
 #: the Krylov space is invariant and the run restarts.
 _BREAKDOWN_EPSILONS = 100
-_INITIAL_CAPACITY = 16
+_BLOCK_ROWS = 16
 
 
-def _project_out(basis: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
-    """Remove from each run's vector (row of ``vectors``, (b, d)) its part in that run's basis
-    (``basis``, (b, m, d)) by one pass of classical Gram-Schmidt; returns the rest and the (b, m)
-    coefficients removed.
+def _project_out(blocks: list[Tensor], vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove from each run's vector (row of ``vectors``, (b, d)) its part in that run's basis,
+    held as consecutive blocks of rows (each (b, m_i, d)), by one pass of classical Gram-Schmidt;
+    returns the rest and the (b, sum m_i) coefficients removed.
     """
-    coefficients = torch.bmm(basis, vectors.unsqueeze(2)).squeeze(2)
-    rest = torch.baddbmm(vectors.unsqueeze(1), coefficients.unsqueeze(1), basis, alpha=-1)
-    return rest.squeeze(1), coefficients
+    coefficients = [torch.bmm(block, vectors.unsqueeze(2)).squeeze(2) for block in blocks]
+    rest = vectors.unsqueeze(1).clone()
+    for block, removed in zip(blocks, coefficients, strict=True):
+        rest.baddbmm_(removed.unsqueeze(1), block, alpha=-1)
+    return rest.squeeze(1), torch.cat(coefficients, dim=1)
 
 
 class LanczosProcess:
@@ -56,8 +64,9 @@ class LanczosProcess:
         self._op = op
         self._generator = generator
         num_runs = start.shape[1]
-        # Run-major layout (b, m, d): each run's basis is one contiguous matrix for bmm.
-        self._basis = start.new_empty(num_runs, min(_INITIAL_CAPACITY, op.size), op.size)
+        # Run-major blocks (b, BLOCK, d) of basis rows, each one contiguous matrix for bmm. A new
+        # block is added when the last is full: growing one array would copy the whole basis.
+        self._blocks: list[Tensor] = []
         self._size = 0
         self._alphas: list[Tensor] = []
         self._betas: list[Tensor] = []
@@ -72,7 +81,7 @@ class LanczosProcess:
         """Apply the operator once to every run's newest basis vector and extend ``T``."""
         if self.num_steps == self._op.size:
             raise RuntimeError(f"the Krylov basis already spans all {self._op.size} dimensions")
-        latest = self._basis[:, self._size - 1]
+        latest = self._row(self._size - 1)
         product = (self._op @ latest.T).T
         # The three-term recurrence first, on two vectors; then one pass against the whole basis
         # removes what rounding left, and a second runs only if that pass removed much (the DGKS
@@ -84,11 +93,11 @@ class LanczosProcess:
         residual = torch.addcmul(product, local_alpha[:, None], latest, value=-1)
         if self._betas:
             previous_beta = self._betas[-1].to(residual)
-            residual.addcmul_(previous_beta[:, None], self._basis[:, self._size - 2], value=-1)
+            residual.addcmul_(previous_beta[:, None], self._row(self._size - 2), value=-1)
         before = residual.norm(dim=1)
-        residual, removed = _project_out(self._basis[:, : self._size], residual)
+        residual, removed = _project_out(self._filled_blocks(), residual)
         if bool((residual.norm(dim=1) < before / math.sqrt(2)).any()):
-            residual, removed_again = _project_out(self._basis[:, : self._size], residual)
+            residual, removed_again = _project_out(self._filled_blocks(), residual)
             removed = removed + removed_again
         alpha = (local_alpha + removed[:, -1]).to("cpu", torch.float64)
         beta = residual.norm(dim=1).to("cpu", torch.float64)
@@ -115,27 +124,55 @@ class LanczosProcess:
 
     def ritz_vectors(self, coefficients: Tensor, run: int = 0) -> Tensor:
         """The (d, k) vectors ``Q_m @ coefficients`` of run ``run``."""
-        basis = self._basis[run, : self.num_steps]
-        return basis.T @ coefficients.to(basis)
+        # Block by block: concatenating the basis would copy all of it.
+        coefficients = coefficients.to(self._blocks[0])
+        vectors = coefficients.new_zeros(self._op.size, coefficients.shape[1])
+        for start in range(0, self.num_steps, _BLOCK_ROWS):
+            rows = self._blocks[start // _BLOCK_ROWS][run, : self.num_steps - start]
+            vectors.addmm_(rows.T, coefficients[start : start + len(rows)])
+        return vectors
 
     def _fresh_directions(self, runs: Tensor) -> Tensor:
-        runs = runs.to(self._basis.device)
+        runs = runs.to(self._blocks[0].device)
         draws = gaussian(self._op, int(runs.sum()), self._generator).T
         for _ in range(2):  # twice is enough for a random draw
-            draws, _ = _project_out(self._basis[runs, : self._size], draws)
+            draws, _ = _project_out([block[runs] for block in self._filled_blocks()], draws)
         directions = draws
         return directions / directions.norm(dim=1, keepdim=True)
 
+    def _row(self, index: int) -> Tensor:
+        """Basis vector ``index`` of every run, (b, d)."""
+        return self._blocks[index // _BLOCK_ROWS][:, index % _BLOCK_ROWS]
+
+    def _filled_blocks(self) -> list[Tensor]:
+        full, partial = divmod(self._size, _BLOCK_ROWS)
+        return self._blocks[:full] + ([self._blocks[full][:, :partial]] if partial else [])
+
     def _append(self, vectors: Tensor) -> None:
-        if self._size == self._basis.shape[1]:
-            num_runs, capacity, d = self._basis.shape
-            grown = self._basis.new_empty(num_runs, min(2 * capacity, d), d)
-            grown[:, : self._size] = self._basis
-            self._basis = grown
-        self._basis[:, self._size] = vectors
+        if self._size == len(self._blocks) * _BLOCK_ROWS:
+            rows = min(_BLOCK_ROWS, self._op.size - self._size)
+            self._blocks.append(vectors.new_empty(vectors.shape[0], rows, vectors.shape[1]))
+        self._blocks[-1][:, self._size % _BLOCK_ROWS] = vectors
         self._size += 1
 
 
+def _default_start(op: LinearOperator, generator: torch.Generator) -> Tensor:
+    """A Gaussian direction plus, with equal norm, the operator's preferred direction if it has
+    one (a Hessian's gradient, free from its kept graph). The Gaussian half keeps every
+    eigenvector's share of the start nonzero, so no eigenvalue is missed because the preferred
+    direction is orthogonal to it; the other half starts Lanczos nearer the top eigenvectors.
+    """
+    start = gaussian(op, 1, generator)
+    preferred = op.preferred_direction()
+    if preferred is None or not bool(torch.isfinite(preferred).all()) or not bool(preferred.any()):
+        return start
+    preferred = preferred.reshape(-1, 1).to(start)
+    # The sign that agrees with the Gaussian: the two halves never cancel (norm >= sqrt(2)).
+    sign = 1.0 if float((start * preferred).sum()) >= 0 else -1.0
+    return start / start.norm() + sign * preferred / preferred.norm()
+
+
+@many_products
 def top_eigenvalues(
     op: LinearOperator,
     k: int = 1,
@@ -157,7 +194,12 @@ def top_eigenvalues(
     ``max_iter`` (default ``min(d, max(300, 10 k))``) caps the Krylov dimension and memory;
     ``converged`` is False if it was reached first. The start vector is ``init`` when given (a
     warm start, e.g. the top eigenvector at a nearby point, converges in fewer products), else
-    Gaussian, drawn from ``generator`` or a generator seeded with ``seed``.
+    Gaussian, drawn from ``generator`` or a generator seeded with ``seed``, plus the operator's
+    ``preferred_direction()`` when it has one: for a Hessian, the loss gradient read off its
+    kept graph at no cost (benchmarks/curvature.py workloads, n = 1024, against six Gaussian
+    starts: 9-10 products instead of 9-12, median 11, on its CNN at initialisation; 7-8 instead
+    of 7-10 after training; 19 instead of 17-21 on its MLP). The stopping rule, and so the
+    accuracy, is unchanged.
 
     An eigenvalue of exact multiplicity r > 1 is found once: a single Krylov space holds one
     direction of its eigenspace. Near-multiplicities are resolved.
@@ -188,7 +230,7 @@ def top_eigenvalues(
     generator = make_generator(op, seed, generator)
     matvecs_before = op.num_matvecs
     if init is None:
-        start = gaussian(op, 1, generator)
+        start = _default_start(op, generator)
     elif init.shape != (op.size,) or not bool(torch.isfinite(init).all()) or not bool(init.any()):
         raise InputError(
             f"init must be a finite, nonzero vector of length {op.size}, got shape {tuple(init.shape)}"

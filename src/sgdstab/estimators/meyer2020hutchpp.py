@@ -14,12 +14,13 @@ import torch
 
 from sgdstab._checks import check_positive_int
 from sgdstab.errors import InputError
-from sgdstab.estimators._common import apply_in_blocks, make_generator, rademacher
+from sgdstab.estimators._common import apply_in_blocks, make_generator, many_products, rademacher
 from sgdstab.estimators.hutchinson import mean_and_stderr
 from sgdstab.estimators.results import TraceResult
 from sgdstab.operators import LinearOperator
 
 
+@many_products
 def hutchpp_trace(
     op: LinearOperator,
     num_matvecs: int = 99,

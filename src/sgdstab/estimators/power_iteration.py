@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from sgdstab._checks import check_positive_float, check_positive_int
-from sgdstab.estimators._common import gaussian, make_generator
+from sgdstab.estimators._common import gaussian, make_generator, many_products
 from sgdstab.estimators.results import EigenResult
 from sgdstab.operators import LinearOperator
 
 
+@many_products
 def power_iteration(
     op: LinearOperator,
     tol: float = 1e-3,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sgdstab._checks import check_positive_float, check_positive_int
-from sgdstab.estimators._common import make_generator, rademacher
+from sgdstab.estimators._common import make_generator, many_products, rademacher
 from sgdstab.estimators.lanczos import LanczosProcess
 from sgdstab.estimators.results import DensityResult
 from sgdstab.operators import LinearOperator
@@ -29,6 +29,7 @@ _SIGMA_FRACTION = 0.01
 _GRID_PADDING = 5.0
 
 
+@many_products
 def spectral_density(
     op: LinearOperator,
     num_probes: int = 10,

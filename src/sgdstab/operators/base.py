@@ -6,6 +6,8 @@ vector of shape ``(d,)`` or a matrix of columns of shape ``(d, k)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,9 +53,42 @@ class LinearOperator:
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_matvecs = 0
+        self._product_runs = 0
 
     def _matmat(self, columns: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @contextmanager
+    def many_products(self) -> Iterator[LinearOperator]:
+        """A block in which the operator may keep work shared by all its products, freed at exit.
+
+        Estimators that apply an operator many times at one point wrap their loop in it (Lanczos,
+        power iteration, Hutchinson, XTrace, ...). A ``HessianOperator`` keeps its gradient graph
+        here, so a product costs one backward pass instead of a forward and two backward passes.
+        Blocks nest; what was kept is released when the outermost one exits, so nothing outlives
+        the estimator that asked for it. Operators with nothing to share ignore it.
+        """
+        self._product_runs += 1
+        try:
+            yield self
+        finally:
+            self._product_runs -= 1
+            if self._product_runs == 0:
+                self._release_shared_work()
+
+    @property
+    def in_many_products(self) -> bool:
+        """Whether a ``many_products`` block is open."""
+        return self._product_runs > 0
+
+    def _release_shared_work(self) -> None:
+        """Hook run when the outermost ``many_products`` block exits (see ``HessianOperator``)."""
+
+    def preferred_direction(self) -> Tensor | None:
+        """A direction the top eigenvectors are likely to share, when the operator has one at
+        no extra cost (a Hessian's loss gradient); else None. Eigensolvers may start near it.
+        """
+        return None
 
     def _check_first_product(self) -> None:
         """Hook run before the first product (see ``ProblemOperator``)."""
@@ -90,11 +125,12 @@ class LinearOperator:
                 f"max_entries={max_entries:,}; use a matrix-free estimator or raise max_entries"
             )
         dense = torch.empty(d, d, dtype=self.dtype, device=self.device)
-        for start in range(0, d, block_size):
-            stop = min(start + block_size, d)
-            identity_block = torch.zeros(d, stop - start, dtype=self.dtype, device=self.device)
-            identity_block[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            dense[:, start:stop] = self @ identity_block
+        with self.many_products():
+            for start in range(0, d, block_size):
+                stop = min(start + block_size, d)
+                identity_block = torch.zeros(d, stop - start, dtype=self.dtype, device=self.device)
+                identity_block[torch.arange(start, stop), torch.arange(stop - start)] = 1
+                dense[:, start:stop] = self @ identity_block
         return dense
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
