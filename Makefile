@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # This machine's pip finds a CPU wheel of this release on local disk; any other release pulls a
 # multi-GB CUDA build. A torch already importable (a GPU user's CUDA build) is kept.
 TORCH_PIN ?= torch==2.13.0
-RUN_ARGS ?= --scale quick
+RUN_ARGS ?= --scale quick --jobs 2
 
 .PHONY: install test test-integrations test-slurm lint run bench clean
 
