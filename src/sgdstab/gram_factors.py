@@ -54,14 +54,11 @@ class LinearFactors:
         samples_a = slice(rows_a.start // num_outputs, rows_a.stop // num_outputs)
         samples_b = slice(rows_b.start // num_outputs, rows_b.stop // num_outputs)
         gradients = self.output_gradients[rows_a] @ self.output_gradients[rows_b].T
-        if self.weight:
-            inputs = self.inputs[samples_a] @ self.inputs[samples_b].T
-            if self.bias:
-                inputs = inputs + 1
-        else:
-            inputs = torch.ones(
-                samples_a.stop - samples_a.start, samples_b.stop - samples_b.start, dtype=gradients.dtype
-            )
+        if not self.weight:  # the bias alone: its Jacobian block is g_{i,c} itself
+            return gradients
+        inputs = self.inputs[samples_a] @ self.inputs[samples_b].T
+        if self.bias:
+            inputs = inputs + 1
         if num_outputs > 1:
             inputs = inputs.repeat_interleave(num_outputs, dim=0).repeat_interleave(num_outputs, dim=1)
         return inputs * gradients
