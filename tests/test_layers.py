@@ -18,6 +18,7 @@ LAYERS = {
     "distributed": 1,
     "operators": 2,
     "estimators": 3,
+    "gram_factors": 4,
     "sample_space": 4,
     "alignment": 4,
     "stability": 4,

@@ -27,8 +27,10 @@ def _mlp_problem(num_outputs: int, n: int = 9, chunk_size: int = 4, seed: int = 
 def test_gram_matrix_equals_dense_jacobian_product(num_outputs, max_jacobian_entries):
     # p = 16 + 5C. Stored J; then two panels of budget // (2 C p) samples recomputed per pass:
     # 3 samples for C=1 (panels straddle the chunks of 4), 2 samples, and the floor of one sample.
+    # factor_layers=False: every column through per-sample Jacobians (tests/test_gram_factors.py
+    # covers the per-layer factors this MLP would otherwise take).
     problem = _mlp_problem(num_outputs)
-    gram = gram_matrix(problem, max_jacobian_entries=max_jacobian_entries)
+    gram = gram_matrix(problem, max_jacobian_entries=max_jacobian_entries, factor_layers=False)
     assert_matches(gram, dense_gram(problem), rtol=1e-12, atol=1e-12)
 
 
@@ -39,6 +41,9 @@ def test_gram_matrix_from_loader_matches_tensors():
     )
     from_loader = Problem.from_loader(problem.model, loader)
     torch.testing.assert_close(gram_matrix(from_loader, max_jacobian_entries=50), gram_matrix(problem))
+    torch.testing.assert_close(
+        gram_matrix(from_loader, max_jacobian_entries=50, factor_layers=False), gram_matrix(problem)
+    )
 
 
 def test_gram_matrix_refuses_when_k_does_not_fit():
@@ -70,7 +75,7 @@ def test_block_congruence_equals_explicit_block_diagonal():
 @pytest.mark.parametrize("max_jacobian_entries", [2**27, 84])
 def test_gram_matrix_is_exactly_symmetric(max_jacobian_entries):
     # Both triangles come from one product per block (no symmetrising copy of K afterwards).
-    gram = gram_matrix(_mlp_problem(3, n=11), max_jacobian_entries=max_jacobian_entries)
+    gram = gram_matrix(_mlp_problem(3, n=11), max_jacobian_entries=max_jacobian_entries, factor_layers=False)
     assert torch.equal(gram, gram.T)
 
 
