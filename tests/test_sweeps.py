@@ -177,6 +177,11 @@ from pathlib import Path
 from sgdstab.sweeps import LocalExecutor, sweep_tasks
 root, grid, fixed, every, reverse, gate = json.loads(sys.argv[1])
 tasks = sweep_tasks(root, grid, checkpoint_every=every, **fixed)
+# The executor's workers fork from a server that imports sgdstab; started before the gate, both
+# sweeps' workers exist within milliseconds of it opening, so neither finishes the grid alone.
+from multiprocessing import forkserver
+forkserver.set_forkserver_preload(["sgdstab.sweeps"])
+forkserver.ensure_running()
 while not Path(gate).exists():
     time.sleep(0.005)
 LocalExecutor(jobs=2, poll_s=0.05).run([tasks[::-1] if reverse else tasks])
