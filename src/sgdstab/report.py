@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sgdstab.errors import RunFolderError
@@ -137,20 +138,11 @@ def plot_e2(analysis: dict, fig: Figure) -> None:
     colors = dict(zip(sizes, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"] * 4, strict=False))
     for size in sizes:
         group = [r for r in converged if r["batch_size"] == size]
-        axis.errorbar(
-            [r["sqrt_b_over_lr"] for r in group],
-            [r["frobenius"] for r in group],
-            yerr=[r["frobenius_stderr"] for r in group],
-            fmt="o",
-            color=colors[size],
-            label=f"B={size}",
-        )
-        axis.scatter(
-            [r["sqrt_b_over_lr"] for r in group],
-            [r["bound"] for r in group],
-            marker="_",
-            s=200,
-            color=colors[size],
+        _points_with_bounds(
+            axis,
+            [(r["sqrt_b_over_lr"], r["frobenius"], r["frobenius_stderr"], r["bound"]) for r in group],
+            colors[size],
+            f"B={size}",
         )
     xs = [r["sqrt_b_over_lr"] for r in analysis["rows"] if math.isfinite(r["sqrt_b_over_lr"])]
     if converged and xs:
@@ -160,23 +152,48 @@ def plot_e2(analysis: dict, fig: Figure) -> None:
         floor = min(r["frobenius"] for r in converged) / 2
     else:
         floor = 1.0
-    diverged = [r for r in analysis["rows"] if r["status"] == "diverged"]
-    if diverged:
-        axis.scatter(
-            [r["sqrt_b_over_lr"] for r in diverged],
-            [floor] * len(diverged),
-            marker="x",
-            color="red",
-            label="diverged (placed at the bottom)",
-        )
-    axis.set(
-        xscale="log",
-        yscale="log",
+    _finish_frobenius_axis(
+        axis,
+        [r["sqrt_b_over_lr"] for r in analysis["rows"] if r["status"] == "diverged"],
+        floor,
+        "diverged (placed at the bottom)",
         xlabel="1/(eta sqrt(p_B))  (= sqrt(B)/eta with replacement)",
-        ylabel="||H||_F at the minimum",
         title="||H||_F of SGD minima; bars: each run's own bound",
+        fontsize=8,
     )
-    axis.legend(fontsize=8)
+
+
+def _points_with_bounds(
+    axis: Axes, points: list[tuple[float, float, float, float]], color: str, label: str, **style: Any
+) -> None:
+    """(x, ||H||_F, its error, bound) points: ||H||_F with error bars, each bound a bar of the same colour."""
+    xs = [x for x, _, _, _ in points]
+    axis.errorbar(
+        xs,
+        [y for _, y, _, _ in points],
+        yerr=[e for _, _, e, _ in points],
+        fmt="o",
+        color=color,
+        label=label,
+        **style,
+    )
+    axis.scatter(xs, [b for _, _, _, b in points], marker="_", s=200, color=color)
+
+
+def _finish_frobenius_axis(
+    axis: Axes,
+    diverged: list[float],
+    floor: float,
+    diverged_label: str,
+    xlabel: str,
+    title: str,
+    fontsize: int,
+) -> None:
+    """Diverged runs as red crosses at ``floor``, log-log axes, labels and legend (E2's figures)."""
+    if diverged:
+        axis.scatter(diverged, [floor] * len(diverged), marker="x", color="red", label=diverged_label)
+    axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="||H||_F at the minimum", title=title)
+    axis.legend(fontsize=fontsize)
 
 
 def _plot_e2_seeds(analysis: dict, fig: Figure) -> None:
@@ -192,46 +209,28 @@ def _plot_e2_seeds(analysis: dict, fig: Figure) -> None:
     for index, size in enumerate(sizes):
         color = f"C{index % 10}"
         group = [e for e in spread if e["batch_size"] == size and "frobenius_mean" in e]
-        axis.errorbar(
-            [e["sqrt_b_over_lr"] for e in group],
-            [e["frobenius_mean"] for e in group],
-            yerr=[e["frobenius_std"] for e in group],
-            fmt="o",
+        _points_with_bounds(
+            axis,
+            [(e["sqrt_b_over_lr"], e["frobenius_mean"], e["frobenius_std"], e["bound_mean"]) for e in group],
+            color,
+            f"B={size} (mean +- std over seeds)",
             ms=7,
             capsize=3,
-            color=color,
-            label=f"B={size} (mean +- std over seeds)",
-        )
-        axis.scatter(
-            [e["sqrt_b_over_lr"] for e in group],
-            [e["bound_mean"] for e in group],
-            marker="_",
-            s=200,
-            color=color,
         )
         seeds = [r for r in analysis["rows"] if r["batch_size"] == size and "frobenius" in r]
         axis.scatter(
             [r["sqrt_b_over_lr"] for r in seeds], [r["frobenius"] for r in seeds], s=8, color=color, alpha=0.5
         )
-    measured = [e for e in spread if "frobenius_mean" in e]
-    diverged = [e for e in spread if e["diverged"]]
-    if measured:
-        floor = min(e["frobenius_mean"] for e in measured) / 2
-        axis.scatter(
-            [e["sqrt_b_over_lr"] for e in diverged],
-            [floor] * len(diverged),
-            marker="x",
-            color="red",
-            label="diverged on >= 1 seed (placed at the bottom)",
-        )
-    axis.set(
-        xscale="log",
-        yscale="log",
+    measured = [e["frobenius_mean"] for e in spread if "frobenius_mean" in e]
+    _finish_frobenius_axis(
+        axis,
+        [e["sqrt_b_over_lr"] for e in spread if e["diverged"]],
+        min(measured) / 2 if measured else 1.0,
+        "diverged on >= 1 seed (placed at the bottom)",
         xlabel="sqrt(B)/eta",
-        ylabel="||H||_F at the minimum",
         title=f"||H||_F of SGD minima over {len({r['seed'] for r in analysis['rows']})} seeds; bars: mean bound",
+        fontsize=7,
     )
-    axis.legend(fontsize=7)
 
 
 def _plot_e3(analysis: dict, fig: Figure) -> None:
