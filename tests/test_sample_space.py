@@ -96,3 +96,43 @@ def test_the_default_budget_admits_nc_8192_and_names_the_argument_above():
         check_gram_fits(SimpleNamespace(num_samples=n, num_outputs=outputs), DEFAULT_MAX_GRAM_ENTRIES, "")
     with pytest.raises(MemoryError, match="8200 x 8200.*max_gram_entries="):
         check_gram_fits(SimpleNamespace(num_samples=820, num_outputs=10), DEFAULT_MAX_GRAM_ENTRIES, "")
+
+
+def _float32_low_rank_gram(size: int = 120, rank: int = 30, num_outputs: int = 2) -> torch.Tensor:
+    # Eigenvalues spread over four decades, all far above the float32 cutoff (~1e-5 ||K||_F).
+    torch.manual_seed(3)
+    factors = torch.randn(size, rank, dtype=torch.float64) * torch.logspace(0, -2, rank, dtype=torch.float64)
+    return (factors @ factors.T).to(torch.float32)
+
+
+def test_a_float32_k_is_eigendecomposed_in_float32_to_float64_accuracy():
+    gram = _float32_low_rank_gram()
+    fast = gram_spectrum(gram, 2)
+    # Truth: the float64 decomposition of the same (float32-valued) matrix.
+    truth = torch.linalg.eigh(gram.to(torch.float64))
+    truth_values, truth_vectors = truth.eigenvalues[-30:], truth.eigenvectors[:, -30:]
+    assert fast.rank == 30 and fast.source_dtype == torch.float32
+    assert_matches(fast.values, truth_values, rtol=0, atol=1e-14 * float(truth_values[-1]))
+    assert_matches(fast.vectors.T @ fast.vectors, torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-13)
+    assert_matches(fast.vectors @ fast.vectors.T, truth_vectors @ truth_vectors.T, rtol=0, atol=1e-8)
+
+
+def test_the_float32_decomposition_falls_back_to_float64_when_its_residual_is_too_large(monkeypatch):
+    import sgdstab.sample_space as sample_space
+
+    gram = _float32_low_rank_gram()
+    expected = gram_spectrum(gram, 2)
+    solved = sample_space._kept_eigenpairs
+
+    def perturbed(matrix, cutoff):
+        values, vectors = solved(matrix, cutoff)
+        if matrix.dtype == torch.float32:  # a solve gone wrong: 20 vectors spanning no invariant space
+            vectors = torch.randn_like(vectors[:, :20])
+        return values, vectors
+
+    monkeypatch.setattr(sample_space, "_kept_eigenpairs", perturbed)
+    fallback = gram_spectrum(gram, 2)
+    assert_matches(fallback.values, expected.values, rtol=0, atol=1e-12 * float(expected.values[-1]))
+    assert_matches(
+        fallback.vectors @ fallback.vectors.T, expected.vectors @ expected.vectors.T, rtol=0, atol=1e-8
+    )

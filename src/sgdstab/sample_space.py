@@ -247,7 +247,8 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     above the cutoff): K of a network is often of low numerical rank (an MNIST MLP at nC = 8192:
     r = 1263), and the full ``eigh`` spends most of its time on eigenvectors that are then
     dropped. Measured with one thread on a 2048 x 2048 K of rank 122 kept: 1.09 s against 2.45 s,
-    eigenvalues equal to 1e-15 lambda_max.
+    eigenvalues equal to 1e-15 lambda_max. A K computed in float32 is eigendecomposed in float32
+    (``_refined_float32_eigenpairs``), which is as accurate as K itself and twice as fast.
     """
     size = gram.shape[0]
     if rtol is None:
@@ -255,10 +256,8 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     gram64 = gram.to(torch.float64)
     cutoff = rtol * torch.linalg.matrix_norm(gram64).item()
     if gram64.device.type == "cpu" and cutoff > 0:
-        kept_values, kept_vectors = scipy.linalg.eigh(
-            gram64.numpy(), subset_by_value=(cutoff, math.inf), driver="evr", check_finite=False
-        )
-        values, vectors = torch.from_numpy(kept_values), torch.from_numpy(kept_vectors)
+        refined = _refined_float32_eigenpairs(gram, gram64, cutoff) if gram.dtype == torch.float32 else None
+        values, vectors = refined if refined is not None else _kept_eigenpairs(gram64, cutoff)
     else:
         all_values, all_vectors = torch.linalg.eigh(gram64)
         keep = all_values > cutoff
@@ -266,6 +265,47 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     if values.numel() == 0:
         raise DataError("K = J J^T is zero at these parameters: the model's outputs do not depend on theta")
     return GramSpectrum(gram64, values, vectors, size // num_outputs, num_outputs, gram.dtype)
+
+
+def _kept_eigenpairs(gram: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
+    """The eigenpairs above ``cutoff`` of a symmetric CPU matrix, in its dtype (LAPACK ``syevr``)."""
+    values, vectors = scipy.linalg.eigh(
+        gram.numpy(), subset_by_value=(cutoff, math.inf), driver="evr", check_finite=False
+    )
+    return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+def _refined_float32_eigenpairs(
+    gram32: Tensor, gram64: Tensor, cutoff: float
+) -> tuple[Tensor, Tensor] | None:
+    """The float64 eigenpairs of K above ``cutoff`` from a float32 eigendecomposition, or None.
+
+    The float32 ``syevr`` is backward stable: its eigenvectors span range(K) up to angles of
+    about eps_32 ||K|| / w on each eigenvalue w. One step of subspace iteration in float64
+    (V <- orth(K V)) shrinks each vector's null-space part by at least cutoff / w, and a
+    Rayleigh-Ritz step on that span (Parlett, The Symmetric Eigenvalue Problem, SIAM 1998,
+    ch. 11, 14) makes the pairs orthonormal and optimal in it to float64 precision; the refinement
+    costs two nC x nC x r products and a QR. Each pair's residual ||K v - w v|| is then a
+    certificate: w is within it of an eigenvalue of K (Parlett ch. 4). If any residual exceeds the
+    cutoff (the rounding level below which range(K) is not resolved anyway), None asks for the
+    float64 decomposition instead. Measured on a float32 K of rank 30 (nC = 120): projector onto
+    the range within 2e-9 and eigenvalues within 1e-15 lambda_max of the float64 decomposition's
+    (the float32 solve alone: 7e-5 and 3e-11); on a synthetic K of rank 722 at nC = 8192 (2
+    threads): 25 s in float32 against 45 s in float64.
+    """
+    _, single_vectors = _kept_eigenpairs(gram32, cutoff)
+    if single_vectors.shape[1] == 0:
+        return None
+    basis = torch.linalg.qr(gram64 @ single_vectors.to(torch.float64)).Q
+    image = gram64 @ basis
+    projected = basis.T @ image
+    values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
+    vectors = basis @ rotation
+    residuals = (image @ rotation - vectors * values).norm(dim=0)
+    if bool((residuals > cutoff).any()):
+        return None
+    keep = values > cutoff
+    return values[keep], vectors[:, keep]
 
 
 def build_gram_spectrum(
