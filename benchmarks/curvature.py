@@ -749,7 +749,7 @@ def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
         )
         rows.append(
             (
-                "  sgdstab trace(target_rel_error) (XTrace)",
+                "  sgdstab trace(target_rel_error) (XTrace or its free probes)",
                 fmt_time(_med(o, "time_s")),
                 f"{_med(o, 'num_matvecs'):g} HVP",
                 f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
