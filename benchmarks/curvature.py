@@ -14,7 +14,9 @@ the library itself never imports them. Rows, for each workload:
   100 probes); PyHessian's standard error is computed here from the probe values it returns.
 - trace to 5% relative error, certified: sgdstab ``trace(target_rel_error=0.05)`` (XTrace, stops
   at two error estimates <= 5%) vs PyHessian's trace scaled to the same standard error (cost of
-  Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products.
+  Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products. On a
+  flat spectrum sgdstab may stop on the first round's free Hutchinson samples instead. Under it,
+  untimed, the spectrum's shape (``spectrum_shape``): whether deflation can pay on this Hessian.
 - ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
   ``hutchinson_squared_fro``.
 - one HVP and one gradient: sgdstab's default operator as estimators apply it (gradient graph
