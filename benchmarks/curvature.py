@@ -14,7 +14,9 @@ the library itself never imports them. Rows, for each workload:
   100 probes); PyHessian's standard error is computed here from the probe values it returns.
 - trace to 5% relative error, certified: sgdstab ``trace(target_rel_error=0.05)`` (XTrace, stops
   at two error estimates <= 5%) vs PyHessian's trace scaled to the same standard error (cost of
-  Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products.
+  Hutchinson ~ stderr^-2) and vs curvlinops ``xtrace`` with the same number of products. On a
+  flat spectrum sgdstab may stop on the first round's free Hutchinson samples instead. Under it,
+  untimed, the spectrum's shape (``spectrum_shape``): whether deflation can pay on this Hessian.
 - ||H||_F^2 at a fixed number of probes: sgdstab ``frobenius_norm`` vs curvlinops
   ``hutchinson_squared_fro``.
 - one HVP and one gradient: sgdstab's default operator as estimators apply it (gradient graph
@@ -55,18 +57,18 @@ import sgdstab
 from sgdstab.estimators import frobenius_norm, top_eigenvalues, trace
 from sgdstab.operators import LinearOperator, hessian
 
-try:  # peers: benchmark-only dependencies
+try:  # peers: benchmark-only dependencies; main() refuses to run without them
     import pyhessian
 
     # The module, not the class ``pyhessian.hessian`` that its __init__ re-exports under that name.
     _pyhessian_module = sys.modules["pyhessian.hessian"]
     from curvlinops import HessianLinearOperator, hutchinson_squared_fro
     from curvlinops import xtrace as curvlinops_xtrace
+
+    PEERS_MISSING: ImportError | None = None
 except ImportError as error:  # pragma: no cover - depends on the environment
-    sys.exit(
-        f"benchmarks/curvature.py needs the peers installed ({error}); create the benchmark "
-        "virtualenv described in benchmarks/README.md and run it with .venv-bench/bin/python"
-    )
+    # Importable all the same, so the tests can check ``spectrum_shape`` on known spectra.
+    PEERS_MISSING = error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
 LAMBDA_TOL = 1e-3
@@ -473,9 +475,11 @@ def trace_row(peers: Peers, repeats: int, block: int) -> dict:
     }
 
 
-def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
+def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict, probes: int) -> dict:
     """XTrace to 5% relative error against PyHessian's Hutchinson (its runs from ``trace_row``)
-    scaled to the same standard error, and against curvlinops' XTrace at the same products."""
+    scaled to the same standard error, and against curvlinops' XTrace at the same products.
+    ``spectrum`` (``spectrum_shape``, k = the most test vectors a run drew, at least XTrace's
+    first 8) says whether deflation could pay on this Hessian."""
     ours, theirs = [], []
     for r in range(repeats):
         t, res = timed(lambda r=r: trace(hessian(peers.problem), target_rel_error=TRACE_REL_ERROR, seed=r))
@@ -491,7 +495,11 @@ def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
         return row["time_s"] * (row["stderr"] / abs(row["value"]) / rel_stderr) ** 2
 
     pyhessian = hutchinson["pyhessian"]
+    runs = hutchinson["sgdstab"] + pyhessian
+    trace_value = statistics.fmean(r["value"] for r in runs)
+    k = max(8, max(o["num_matvecs"] for o in ours) // 2)
     return {
+        "spectrum": spectrum_shape(hessian(peers.problem), trace_value, k, probes),
         "sgdstab_xtrace": ours,
         "curvlinops_xtrace": theirs,
         "speedup_vs_pyhessian_at_equal_stderr": median(
@@ -510,6 +518,46 @@ def certified_trace_row(peers: Peers, repeats: int, hutchinson: dict) -> dict:
             [c["time_s"] / o["time_s"] for o, c in zip(ours, theirs, strict=True)]
         ),
         "z_score_vs_pyhessian": _z(ours, pyhessian),
+    }
+
+
+def spectrum_shape(op: LinearOperator, trace_value: float, k: int, num_probes: int, seed: int = 0) -> dict:
+    """How much a rank-k deflation can buy on this spectrum: the measured cause behind the
+    certified trace row (not timed).
+
+    One Gaussian probe's relative standard deviation is sqrt(2 ||H||_F^2) / |tr H| (the variance
+    of g^T H g is 2 ||H||_F^2; Rademacher and sphere probes a little less). Removing the top k
+    eigenvalues in magnitude, which is the best any rank-k deflation can do, leaves the
+    variance 2 (||H||_F^2 - sum_{i<=k} lambda_i^2). XTrace (Epperly, Tropp and Webber 2024) pays two
+    products per test vector and Hutchinson one per probe, so deflation pays in products only
+    when ``deflation_gain = ||H||_F^2 / (2 (||H||_F^2 - sum_{i<=k} lambda_i^2)) > 1``, i.e. when the
+    top k carry more than half of ||H||_F^2. ``stable_rank = tr(H)^2 / ||H||_F^2`` sets how many
+    probes plain Hutchinson needs: about 2 / (stable_rank * rel_error^2).
+
+    The top 2k eigenvalues come from Lanczos (``which="both"``, tol 1e-2), the k largest in
+    magnitude are kept; Ritz values lie inside the spectrum, so their share is if anything
+    understated. ||H||_F^2 is Hutchinson's with ``num_probes`` probes.
+    """
+    extremes = top_eigenvalues(op, k=k, which="both", tol=1e-2, seed=seed)
+    top = sorted(extremes.values.tolist(), key=abs, reverse=True)[:k]
+    frobenius = frobenius_norm(op, num_probes=num_probes, block_size=num_probes, seed=seed)
+    squared = frobenius.squared
+    top_energy = min(sum(v * v for v in top), squared)
+    rest = squared - top_energy
+    return {
+        "k": k,
+        "top_k_eigenvalues": top,
+        "lanczos_matvecs": extremes.num_matvecs,
+        "lanczos_converged": extremes.converged,
+        "frobenius_probes": num_probes,
+        "frobenius_squared": squared,
+        "frobenius_squared_stderr": frobenius.squared_stderr,
+        "trace": trace_value,
+        "top_k_share": top_energy / squared if squared > 0 else math.nan,
+        "stable_rank": trace_value**2 / squared if squared > 0 else math.nan,
+        "probe_rel_sd": math.sqrt(2 * squared) / abs(trace_value),
+        "deflated_probe_rel_sd": math.sqrt(2 * rest) / abs(trace_value),
+        "deflation_gain": squared / (2 * rest) if rest > 0 else math.inf,
     }
 
 
@@ -703,7 +751,7 @@ def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
         )
         rows.append(
             (
-                "  sgdstab trace(target_rel_error) (XTrace)",
+                "  sgdstab trace(target_rel_error) (XTrace or its free probes)",
                 fmt_time(_med(o, "time_s")),
                 f"{_med(o, 'num_matvecs'):g} HVP",
                 f"{_med(o, 'value'):.5g} +- {_med(o, 'stderr'):.2g}",
@@ -718,6 +766,36 @@ def report_rows(name: str, res: dict) -> list[tuple[str, ...]]:
                 f"{_med(c, 'num_matvecs'):g} HVP",
                 f"{_med(c, 'value'):.5g}",
                 f"{ct['speedup_vs_curvlinops_xtrace']:.2f}x",
+            )
+        )
+    if "certified_trace" in res:
+        sh = res["certified_trace"]["spectrum"]
+        rows.append(
+            (
+                f"{name}: spectrum shape (why deflation pays or not)",
+                "",
+                f"{sh['lanczos_matvecs'] + sh['frobenius_probes']} HVP, not timed",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"  top-{sh['k']} |eigenvalues|' share of ||H||_F^2",
+                "",
+                "",
+                f"{sh['top_k_share']:.1%}",
+                f"deflation gain {sh['deflation_gain']:.2f}x per product (pays if > 1)",
+            )
+        )
+        rows.append(("  stable rank tr(H)^2 / ||H||_F^2", "", "", f"{sh['stable_rank']:.3g}", ""))
+        rows.append(
+            (
+                "  one probe's rel. SD sqrt(2||H||_F^2)/|tr H|",
+                "",
+                "",
+                f"{sh['probe_rel_sd']:.1%}",
+                f"after top-{sh['k']} deflation {sh['deflated_probe_rel_sd']:.1%}",
             )
         )
     if "frobenius" in res:
@@ -906,6 +984,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="merge these result files into --output; run nothing",
     )
     args = parser.parse_args(argv)
+    if PEERS_MISSING is not None:
+        sys.exit(
+            f"benchmarks/curvature.py needs the peers installed ({PEERS_MISSING}); create the benchmark "
+            "virtualenv described in benchmarks/README.md and run it with .venv-bench/bin/python"
+        )
     if args.merge:
         return merge(args.merge, args.output)
     if args.repeats < 1:
@@ -963,7 +1046,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "trace" in rows:
             res["trace"] = trace_row(peers, args.repeats, block)
         if "certified_trace" in rows:
-            res["certified_trace"] = certified_trace_row(peers, args.repeats, res["trace"])
+            res["certified_trace"] = certified_trace_row(peers, args.repeats, res["trace"], probes)
         if "frobenius" in rows:
             res["frobenius"] = frobenius_row(peers, args.repeats, probes)
         res["targets"] = targets(name, res)

@@ -7,13 +7,27 @@ import torch
 from known_spectra import hessian_like_spectrum, with_spectrum
 
 from sgdstab.estimators import trace, xtrace, xtrace_to_error
-from sgdstab.estimators.epperly2024xtrace import STOPPING_FACTOR, _XTraceSketch
+from sgdstab.estimators.epperly2024xtrace import STOPPING_FACTOR, _hutchinson_result, _XTraceSketch
 
 D = 300
 DECAYING = torch.tensor([10.0 / (i + 1) ** 1.5 for i in range(D)], dtype=torch.float64)
 FLAT = 1.0 + 0.3 * torch.rand(D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 HESSIAN_LIKE = hessian_like_spectrum(D)
 SPECTRA = {"decaying": DECAYING, "flat": FLAT, "hessian_like": HESSIAN_LIKE}
+
+#: Flat and indefinite, as the benchmark MLP's Hessian: stable rank tr^2 / ||A||_F^2 about 800,
+#: one Gaussian probe's relative standard deviation about 5%. Deflation cannot pay.
+FLAT_INDEFINITE = 1.0 + 0.5 * torch.randn(
+    1000, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+)
+#: The same with one large negative eigenvalue: stable rank about 330, near the free stop's
+#: threshold (400 at 5% and 8 tests), so runs end either way, and draws that miss the outlier
+#: must not stop on a too-small error.
+FLAT_WITH_NEGATIVE_OUTLIER = torch.cat([torch.tensor([-40.0], dtype=torch.float64), FLAT_INDEFINITE[1:]])
+FREE_STOP_SPECTRA = {
+    "flat_indefinite": FLAT_INDEFINITE,
+    "flat_with_negative_outlier": FLAT_WITH_NEGATIVE_OUTLIER,
+}
 
 #: The advertised calibration (module docstring): |error| <= 3 x estimate in >= 90% of draws.
 COVERAGE_FACTOR = 3.0
@@ -138,3 +152,58 @@ def test_bad_stopping_arguments_raise_clear_value_errors():
         xtrace_to_error(op, target_rel_error=0.1, initial_tests=8, max_matvecs=10)
     with pytest.raises(ValueError, match="not both"):
         trace(op, target_rel_error=0.1, target_rel_stderr=0.1)
+
+
+def test_free_hutchinson_variance_matches_monte_carlo():
+    """Sphere test vectors: Var(w^T A w) = 2d/(d+2) (||A||_F^2 - tr(A)^2/d), and the plug-in
+    stderr of ``_hutchinson_result`` estimates it, both against 20000 draws of a known spectrum."""
+    spectrum = torch.linspace(-1.0, 3.0, 20, dtype=torch.float64)
+    op = with_spectrum(spectrum, seed=4)
+    d, draws = 20, 20_000
+    tests, images = _XTraceSketch(op, torch.Generator().manual_seed(0), block_size=draws).draw(draws)
+    quadratic_forms = (tests * images).sum(dim=0)
+    exact = 2 * d / (d + 2) * (float(spectrum.pow(2).sum()) - float(spectrum.sum()) ** 2 / d)
+    # The sample variance's standard error, from the sample fourth central moment.
+    centred = quadratic_forms - quadratic_forms.mean()
+    variance_se = math.sqrt(float((centred**4).mean() - centred.pow(2).mean() ** 2) / draws)
+    assert abs(float(quadratic_forms.var()) - exact) <= 4 * variance_se
+    plug_in = _hutchinson_result(tests, images, num_matvecs=draws).stderr ** 2 * draws
+    assert abs(plug_in - exact) <= 4 * variance_se
+    assert float(quadratic_forms.mean()) == pytest.approx(
+        float(spectrum.sum()), abs=4 * math.sqrt(exact / draws)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(FREE_STOP_SPECTRA))
+def test_stop_on_free_hutchinson_samples_is_calibrated(name):
+    """At a 5% target over 200 seeds: the target is met in truth in >= 90% of runs, the true
+    error is within 3 reported standard errors in >= 90% and not always within one (three-
+    binomial-standard-error tolerances), whichever exit a run took."""
+    spectrum = FREE_STOP_SPECTRA[name]
+    op = with_spectrum(spectrum, seed=0)
+    exact = float(spectrum.sum())
+    target = 0.05
+    results = [xtrace_to_error(op, target_rel_error=target, seed=s) for s in range(NUM_SEEDS)]
+    errors = torch.tensor([abs(r.value - exact) for r in results])
+    ratios = errors / torch.tensor([r.stderr for r in results])
+    binomial_se = math.sqrt(COVERAGE_RATE * (1 - COVERAGE_RATE) / NUM_SEEDS)
+    assert float((errors <= target * abs(exact)).double().mean()) >= COVERAGE_RATE - 3 * binomial_se
+    assert float((ratios <= COVERAGE_FACTOR).double().mean()) >= COVERAGE_RATE - 3 * binomial_se
+    assert float((ratios <= 1).double().mean()) <= 0.9
+    free_stops = sum(r.num_matvecs == 8 for r in results)
+    if name == "flat_indefinite":
+        assert free_stops == NUM_SEEDS  # 8 products where XTrace alone needs 16
+    else:
+        assert 0 < free_stops < NUM_SEEDS  # both exits taken
+
+
+@pytest.mark.parametrize("name", ["decaying", "hessian_like"])
+def test_no_free_stop_where_deflation_pays(name):
+    """On decaying and Hessian-like spectra the free samples never meet the rule: the result is
+    XTrace's from the same test vectors, as without the free look."""
+    op = with_spectrum(SPECTRA[name], seed=0)
+    for s in range(10):
+        result = xtrace_to_error(op, target_rel_error=0.05, seed=s)
+        assert result.num_matvecs >= 16
+        if result.num_matvecs == 16:
+            assert result == xtrace(op, num_matvecs=16, seed=s)

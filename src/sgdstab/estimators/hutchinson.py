@@ -107,7 +107,9 @@ def trace(
 
     With ``target_rel_error`` instead, the estimate is XTrace's (``xtrace_to_error``: Epperly,
     Tropp and Webber 2024), grown until its own error estimate, returned as ``stderr``, is at most
-    that fraction of |value|; far fewer products on the decaying spectra of Hessians.
+    that fraction of |value|; far fewer products on the decaying spectra of Hessians. On a flat
+    spectrum, where deflation cannot pay, it returns the Hutchinson mean of XTrace's first round
+    of test vectors when that already meets the target (half the products).
     """
     if target_rel_error is not None:
         if target_rel_stderr is not None:
