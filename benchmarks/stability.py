@@ -19,9 +19,12 @@ for C = 1 and 101,770 for C = 10):
   and mu_min from that spectrum (``alignment(..., spectrum=)``) and eta* from it
   (``SecondMomentMap.threshold``). Exact mu with mu_min costs K + spectrum + the rest, eta*
   costs K + spectrum + the threshold: what ``alignment(problem, method="exact")`` and a fresh
-  ``stability`` call would spend on them. Targets (issue 9): mu <= 60 s (held against both mu
-  alone and mu with mu_min), eta* <= 600 s, peak resident memory <= 8 GiB, each marked met or
-  missed;
+  ``stability`` call would spend on them; the number of products of the second-moment map the
+  threshold took (``threshold_products``). At C = 10 the whole ``stability(..., spectrum=)`` at
+  lr = 0.01 follows (its own eta*, rho(T) and the other criteria: ``stability_rest``, and
+  ``stability_seconds`` = K + spectrum + rest, with its products). Targets (issue 9): mu <= 60 s
+  (held against both mu alone and mu with mu_min), eta* <= 600 s, peak resident memory <= 8 GiB,
+  each marked met or missed; ``--only exact_large_c10`` runs the C = 10 case alone;
 - the parameter-space Kronecker route (p^2 x p^2 second-moment operator; eta* by Brent's method on
   its spectral radius) next to ours on tiny MLPs (inputs 3, p <= 40) where it fits.
 
