@@ -35,6 +35,7 @@ from sgdstab.stability import (
     frobenius_bound,
     frobenius_criterion,
     gd_threshold,
+    second_moment,
     simulate_linearized_sgd,
     stability,
     trace_threshold,
@@ -138,6 +139,32 @@ def test_threshold_and_growth_equal_the_parameter_space_kronecker_operator(
     result = stability(problem, lr=0.1, batch_size=batch, sampling=sampling)
     assert_matches(result.thresholds["exact"], expected, rtol=1e-9)
     assert_matches(result.growth_factor, spectral_radius(kronecker(0.1)), rtol=1e-10)
+
+
+def test_svec_is_an_isometry_of_symmetric_matrices():
+    torch.manual_seed(4)
+    space = second_moment._SymmetricMatrixSpace(5, torch.float64, torch.device("cpu"))
+    first, second = torch.randn(2, 5, 5, dtype=torch.float64)
+    first, second = first + first.T, second + second.T
+    assert space.pack(first).shape == (15,)
+    assert_matches(space.unpack(space.pack(first)), first, rtol=0, atol=1e-15)
+    assert_matches(space.pack(first) @ space.pack(second), (first * second).sum(), rtol=1e-14)
+
+
+@pytest.mark.parametrize("basis", [3, 12])
+def test_lanczos_with_restarts_matches_the_dense_solver(monkeypatch, basis):
+    # r = 16: the Lanczos path runs on 136 free entries; a basis of 3 forces explicit restarts.
+    monkeypatch.setattr(second_moment, "_LANCZOS_BASIS", basis)
+    problem = _minimum(5, 8, 2, hidden=5)
+    spectrum = gram_spectrum(dense_gram(problem), 2)
+    batch_noise = batch_noise_factor(8, 3, "with_replacement")
+    lanczos = SecondMomentMap(spectrum, batch_noise, solver="lanczos")
+    dense = SecondMomentMap(spectrum, batch_noise, solver="dense")
+    assert lanczos.rank == 16
+    assert_matches(lanczos.threshold(), dense.threshold(), rtol=1e-10)
+    for fraction in (0.5, 0.99, 1.5):
+        lr = fraction * dense.threshold()
+        assert_matches(lanczos.spectral_radius(lr), dense.spectral_radius(lr), rtol=1e-10)
 
 
 def test_an_unknown_eigen_solver_is_refused():

@@ -63,7 +63,9 @@ def mulayoff24_threshold(second_moment: SecondMomentMap) -> float:
         variance = deviation.pow(2).mean()
         phi = mean + p_b * variance / mean
         grad_mean = 2 * curvature * a
-        grad_variance = (4 / n) * (factors * (deviation[:, None, None] * outputs[:, :, None])).sum(dim=(0, 1))
+        # sum_i deviation_i M_i^T (M_i a) as one matrix-vector product: no (n, C, r) temporary.
+        weighted = (deviation[:, None] * outputs).reshape(-1)
+        grad_variance = (4 / n) * (factors.reshape(weighted.numel(), -1).T @ weighted)
         grad_phi = grad_mean + p_b * (grad_variance / mean - variance * grad_mean / mean**2)
         norm_sq = a @ a
         value = phi / norm_sq

@@ -23,75 +23,138 @@ Ma & Ying (2021) and Mulayoff & Michaeli (2023), but r x r instead of p^2 x p^2.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
-import numpy as np
-import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
 from sgdstab.errors import InputError
+from sgdstab.estimators import LanczosProcess
+from sgdstab.operators import LinearOperator
 from sgdstab.sample_space import GramSpectrum, worst_case_alignment
 
-#: How ``_top_eigenpair`` solves: "dense" builds the map's matrix, "lanczos" runs ARPACK, "auto"
+#: How ``_top_eigenpair`` solves: "dense" builds the map's matrix, "lanczos" runs Lanczos, "auto"
 #: picks dense up to ``DENSE_EIGEN_MAX_DIM`` free entries.
 EIGEN_SOLVERS = ("auto", "dense", "lanczos")
 #: Symmetric matrices with up to this many free entries r(r+1)/2 get a dense eigensolver.
 DENSE_EIGEN_MAX_DIM = 64
-_EIGSH_TOL = 1e-10
-_EIGSH_LOOSE_TOL = 1e-6
-#: Lanczos vectors ARPACK keeps between restarts (memory: this many r x r matrices).
-_LANCZOS_BASIS = 10
+#: Lanczos stops once its top Ritz value is within this relative error by the Kato-Temple estimate
+#: residual^2 / gap (``_top_eigenpair``).
+_EIGENVALUE_RTOL = 1e-12
+#: Newton's steps far from the root need f only to a fraction of f - 1 (inexact Newton).
+_LOOSE_EIGENVALUE_RTOL = 1e-6
+#: A relative residual this small ends Lanczos whatever the gap (a zero gap included).
+_RESIDUAL_RTOL = 1e-10
+#: Lanczos vectors kept before an explicit restart from the top Ritz vector (memory: this many
+#: r(r+1)/2 float64 vectors, 182 MB each at r = 6748).
+_LANCZOS_BASIS = 12
 _NEWTON_LOOSE_BELOW = 1e-3
 #: Newton on rho - 1 stops when a step is below this (rho itself is reported as 1 + s anyway).
 _SHIFT_ATOL = 1e-16
+
+
+class _SymmetricMatrixSpace:
+    """svec: symmetric size x size matrices as vectors of their size(size+1)/2 free entries.
+
+    Row by row, the diagonal entry then sqrt(2) times the rest of the upper triangle, so the
+    Euclidean inner product of two vectors is the Frobenius one of their matrices (an isometry).
+    Packed by a loop over rows rather than through index arrays: at r = 6748 the two int64 index
+    arrays of ``triu_indices`` would take 364 MB beside 182 MB per vector.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self.size, self.dtype, self.device = size, dtype, device
+        self.dim = size * (size + 1) // 2
+        self._offsets = [0, *itertools.accumulate(range(size, 0, -1))]
+        self._diagonal_slots = torch.tensor(self._offsets[:-1], device=device)
+
+    def pack(self, matrix: Tensor) -> Tensor:
+        packed = torch.cat([matrix[row, row:] for row in range(self.size)]).mul_(math.sqrt(2.0))
+        packed[self._diagonal_slots] = matrix.diagonal()
+        return packed
+
+    def unpack(self, vector: Tensor) -> Tensor:
+        upper = torch.zeros(self.size, self.size, dtype=self.dtype, device=self.device)
+        for row in range(self.size):
+            upper[row, row:] = vector[self._offsets[row] : self._offsets[row + 1]]
+        symmetric = (upper + upper.T).div_(math.sqrt(2.0))
+        symmetric.diagonal().copy_(vector[self._diagonal_slots])
+        return symmetric
+
+
+class _PackedMapOperator(LinearOperator):
+    """A linear map on symmetric matrices, seen through svec as an operator on vectors."""
+
+    def __init__(self, apply: Callable[[Tensor], Tensor], space: _SymmetricMatrixSpace):
+        super().__init__(space.dim, space.dtype, space.device)
+        self._apply, self._space = apply, space
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        images = [self._space.pack(self._apply(self._space.unpack(column))) for column in columns.T]
+        return torch.stack(images, dim=1)
 
 
 def _top_eigenpair(
     apply: Callable[[Tensor], Tensor],
     size: int,
     start: Tensor,
-    tol: float = _EIGSH_TOL,
+    rtol: float = _EIGENVALUE_RTOL,
     solver: str = "auto",
 ) -> tuple[float, Tensor]:
     """Largest eigenpair of a self-adjoint linear map on size x size symmetric matrices.
 
     The eigenvector comes with unit Frobenius norm.
 
-    The map is seen through the isometry svec (diagonal, then sqrt(2) times the upper triangle),
-    so antisymmetric matrices, which second moments never are, stay out of the spectrum. Small
-    maps are built densely; larger ones go to Lanczos (ARPACK ``eigsh``) from ``start``, to a
-    relative residual ``tol`` (the eigenvalue's error is about the residual squared over the gap).
+    The map is seen through the isometry svec (``_SymmetricMatrixSpace``), so antisymmetric
+    matrices, which second moments never are, stay out of the spectrum. Small maps are built
+    densely; larger ones go to Lanczos with full reorthogonalisation (``estimators.lanczos``) from
+    ``start``, in float64. Lanczos stops when the top Ritz value theta, with relative residual
+    rho = ||F y - theta y|| / theta, has rho^2 / gamma <= ``rtol`` and moved by at most ``rtol``
+    relative in the last step, gamma being the relative gap to the second Ritz value; or when rho
+    <= 1e-10. By the Kato-Temple inequality (Parlett, The Symmetric Eigenvalue Problem, SIAM 1998,
+    ch. 10) theta is then within about ``rtol`` relative of the top eigenvalue, where a rule on the
+    residual alone would need about twice the steps (the error is about the residual squared).
+    The Krylov basis restarts from the top Ritz vector after ``_LANCZOS_BASIS`` vectors, which
+    bounds its memory (12 vectors of r(r+1)/2 float64 entries: 2.2 GB at r = 6748). Measured on
+    MNIST MLPs (benchmarks/stability.py workloads, B = 32, float32 products, 2 threads): n = 300,
+    C = 10 (r = 3000): 17 products (18 with the restarts) instead of ARPACK ``eigsh``'s 31 (ncv 10,
+    residual 1e-10), eta* within 3e-13 relative of the same Lanczos run to residual 1e-10 (26
+    products); n = 2000, C = 1 (r = 1328): 10 products instead of 16, within 5e-16. That is far
+    below what float32 products carry: they make F symmetric only to float32 rounding, and runs
+    along different Krylov paths (ARPACK, or Lanczos with other restarts) differ by up to 3e-9.
     ``solver`` ("auto", "dense" or "lanczos") forces one of the two.
     """
-    rows, cols = torch.triu_indices(size, size, device=start.device)
-    weights = torch.where(rows == cols, 1.0, math.sqrt(2.0)).to(start.dtype)
-
-    def svec(matrix: Tensor) -> Tensor:
-        return matrix[rows, cols] * weights
-
-    def smat(vector: Tensor) -> Tensor:
-        upper = torch.zeros(size, size, dtype=start.dtype, device=start.device)
-        upper[rows, cols] = vector / weights
-        return upper + upper.T - torch.diag(upper.diagonal())
-
-    dim = weights.numel()
-    if solver == "dense" or (solver == "auto" and dim <= DENSE_EIGEN_MAX_DIM):
-        basis = torch.eye(dim, dtype=start.dtype, device=start.device)
-        dense = torch.stack([svec(apply(smat(column))) for column in basis], dim=1)
+    space = _SymmetricMatrixSpace(size, start.dtype, start.device)
+    if solver == "dense" or (solver == "auto" and space.dim <= DENSE_EIGEN_MAX_DIM):
+        basis = torch.eye(space.dim, dtype=start.dtype, device=start.device)
+        dense = torch.stack([space.pack(apply(space.unpack(column))) for column in basis], dim=1)
         values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
-        return values[-1].item(), smat(vectors[:, -1])
+        return values[-1].item(), space.unpack(vectors[:, -1])
 
-    def matvec(vector: np.ndarray) -> np.ndarray:
-        image = apply(smat(torch.as_tensor(np.ravel(vector), dtype=start.dtype, device=start.device)))
-        return svec(image).cpu().numpy()
-
-    operator = scipy.sparse.linalg.LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
-    values, vectors = scipy.sparse.linalg.eigsh(
-        operator, k=1, which="LA", v0=svec(start).cpu().numpy(), tol=tol, ncv=min(dim, _LANCZOS_BASIS)
-    )
-    return float(values[0]), smat(torch.as_tensor(vectors[:, 0], dtype=start.dtype, device=start.device))
+    operator = _PackedMapOperator(apply, space)
+    packed = space.pack(start)
+    # The generator only serves an exhausted Krylov space (a restart direction); seeded, so reruns agree.
+    generator = torch.Generator(device=start.device).manual_seed(0)
+    previous = math.nan
+    while True:
+        process = LanczosProcess(operator, packed[:, None], generator)
+        while True:
+            process.step()
+            values, coefficients, beta = process.ritz()
+            top = values[-1].item()
+            residual = abs(beta.item() * coefficients[-1, -1].item()) / abs(top)
+            gap = (top - values[-2].item()) / abs(top) if len(values) > 1 else math.nan
+            settled = residual**2 <= rtol * gap and abs(top - previous) <= rtol * abs(top)
+            done = settled or residual <= _RESIDUAL_RTOL or process.num_steps == space.dim
+            previous = top
+            if done or process.num_steps == _LANCZOS_BASIS:
+                break
+        packed = process.ritz_vectors(coefficients[:, -1:])[:, 0]
+        del process  # its basis, before the next one grows
+        if done:
+            return top, space.unpack(packed / packed.norm())
 
 
 class SecondMomentMap:
@@ -108,7 +171,7 @@ class SecondMomentMap:
             add no error of a larger order than K already carries; everything else, and the
             eigensolvers and root-finding, stay float64. Measured on an MNIST MLP (nC = 1000,
             float32 K): float32 products moved eta* by 1.3e-10 relative and rho(T) at 0.9 eta*
-            by 2e-15, in half the CPU time.
+            by 2e-15, in half the CPU time (nC = 2000, C = 1: eta* by 4.7e-10).
     """
 
     def __init__(
@@ -133,7 +196,10 @@ class SecondMomentMap:
         self.sample_factors = self.factors.reshape(self.num_samples, self.num_outputs, -1)
         #: ``factors`` in ``kernel_dtype`` (the same tensor when that is float64).
         self._kernel_factors = self.factors.to(kernel_dtype or spectrum.source_dtype)
-        self._drift = self.curvature[:, None] + self.curvature[None, :]
+
+    def _drift(self) -> Tensor:
+        """A(S) = drift * S: the r x r matrix h_a + h_b (built when needed: 364 MB at r = 6748)."""
+        return self.curvature[:, None] + self.curvature[None, :]
 
     @property
     def rank(self) -> int:
@@ -170,12 +236,13 @@ class SecondMomentMap:
         projected = (stacked @ moment.to(stacked.dtype)).reshape(factors.shape)
         inner = torch.bmm(projected, factors.transpose(1, 2))  # M_i S M_i^T, (n, C, C)
         per_sample = (stacked.T @ torch.bmm(inner, factors).reshape(-1, self.rank)).to(moment.dtype)
-        mean = self.curvature[:, None] * moment * self.curvature[None, :]
-        return (self.batch_noise / self.num_samples) * per_sample + (1 - self.batch_noise) * mean
+        mean = (moment * self.curvature[None, :]).mul_(self.curvature[:, None])
+        # In place: at r = 6748 each r x r float64 temporary is 364 MB.
+        return per_sample.mul_(self.batch_noise / self.num_samples).add_(mean, alpha=1 - self.batch_noise)
 
     def __call__(self, moment: Tensor, lr: float) -> Tensor:
         """T'(S) = S - eta A(S) + eta^2 D(S)."""
-        return moment - lr * self._drift * moment + lr**2 * self.noise(moment)
+        return moment - lr * self._drift() * moment + lr**2 * self.noise(moment)
 
     def to_sample_space(self, moment: Tensor) -> Tensor:
         """N = M S M^T, the residual second moment."""
@@ -197,28 +264,31 @@ class SecondMomentMap:
         Near the diagonal bound the smallest entries are differences of nearly equal numbers; the
         floor keeps them positive when rounding would not, which moves rho by O(eps) only.
         """
-        scaled_drift = lr * self._drift
-        return (shift + scaled_drift).clamp(
-            min=torch.finfo(scaled_drift.dtype).eps * scaled_drift.max().item()
-        )
+        scaled_drift = self._drift().mul_(lr)
+        floor = torch.finfo(scaled_drift.dtype).eps * scaled_drift.max().item()
+        return scaled_drift.add_(shift).clamp_(min=floor)
 
     def _top_of_scaled_noise(
-        self, shift: float, lr: float, start: Tensor, tol: float = _EIGSH_TOL
+        self, shift: float, lr: float, start: Tensor, rtol: float = _EIGENVALUE_RTOL
     ) -> tuple[float, Tensor]:
         """Top eigenpair (f, Y) of F = lr^2 P^{-1/2} D P^{-1/2} (P: ``_shifted_drift``).
 
         F is symmetric PSD; f = 1 exactly when T'(X) = (1 + shift) X for X = P^{-1/2} Y.
         """
-        scale = self._shifted_drift(shift, lr).rsqrt()
+        scale = self._shifted_drift(shift, lr).rsqrt_()
         return _top_eigenpair(
-            lambda moment: lr**2 * scale * self.noise(scale * moment), self.rank, start, tol, self.solver
+            lambda moment: self.noise(scale * moment).mul_(scale).mul_(lr**2),
+            self.rank,
+            start,
+            rtol,
+            self.solver,
         )
 
     @functools.cached_property
     def _threshold_pair(self) -> tuple[float, Tensor]:
         # At shift 0 and lr 1, F = A^{-1/2} D A^{-1/2}. Its top eigenvector is sqrt(A) * S* with S*
         # PSD (Perron-Frobenius), so this start overlaps it by sum_a 2 h_a S*_aa > 0.
-        return self._top_of_scaled_noise(0.0, 1.0, torch.diag(self._drift.diagonal().sqrt()))
+        return self._top_of_scaled_noise(0.0, 1.0, torch.diag((2 * self.curvature).sqrt()))
 
     def threshold(self) -> float:
         """eta* = 1 / lambda_max(A^{-1} D) (Ma & Ying 2021; Mulayoff & Michaeli 2023).
@@ -258,6 +328,6 @@ class SecondMomentMap:
                 return 1.0 + updated
             shift = updated
             # Far from the root Newton needs f only to a fraction of f - 1 (inexact Newton).
-            tol = _EIGSH_TOL if abs(value - 1) < _NEWTON_LOOSE_BELOW else _EIGSH_LOOSE_TOL
-            value, vector = self._top_of_scaled_noise(shift, lr, vector, tol)
+            rtol = _EIGENVALUE_RTOL if abs(value - 1) < _NEWTON_LOOSE_BELOW else _LOOSE_EIGENVALUE_RTOL
+            value, vector = self._top_of_scaled_noise(shift, lr, vector, rtol)
         return 1.0 + shift
