@@ -1,5 +1,6 @@
 """The sample-space NTK K = J J^T against a Jacobian built densely by torch.func.jacrev."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -136,3 +137,26 @@ def test_the_float32_decomposition_falls_back_to_float64_when_its_residual_is_to
     assert_matches(
         fallback.vectors @ fallback.vectors.T, expected.vectors @ expected.vectors.T, rtol=0, atol=1e-8
     )
+
+
+def test_the_float32_path_keeps_the_float64_rank_next_to_the_cutoff():
+    # Eigenvalues from just above to just below the rank cutoff sqrt(nC) eps_32 ||K||_F: the
+    # float32 solve misplaces each by about eps_32 ||K||, so it must not decide which are kept.
+    torch.manual_seed(4)
+    size = 120
+    basis = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64)).Q
+    values = torch.zeros(size, dtype=torch.float64)
+    values[-20:] = torch.logspace(0, 2, 20, dtype=torch.float64)
+    cutoff = math.sqrt(size) * torch.finfo(torch.float32).eps * values.norm().item()
+    values[:12] = cutoff * torch.linspace(0.9, 1.1, 12, dtype=torch.float64)
+    gram = ((basis * values) @ basis.T).to(torch.float32)
+    fast = gram_spectrum(gram, 2)
+    truth = torch.linalg.eigvalsh(gram.to(torch.float64))
+    truth_cutoff = (
+        math.sqrt(size)
+        * torch.finfo(torch.float32).eps
+        * float(torch.linalg.matrix_norm(gram.to(torch.float64)))
+    )
+    kept = truth[truth > truth_cutoff]
+    assert fast.rank == kept.numel() > 20
+    assert_matches(fast.values, kept, rtol=0, atol=1e-14 * float(kept[-1]))
