@@ -35,6 +35,8 @@ DEFAULT_MAX_JACOBIAN_ENTRIES = 2**27
 DEFAULT_MAX_GRAM_ENTRIES = 2**26
 #: Samples per Jacobian panel when the whole J is stored: large enough for efficient matmuls.
 _STORED_PANEL_SAMPLES = 512
+#: The float32 eigensolver's eigenvalue errors are taken to be below this many eps_32 ||K||_F.
+_FLOAT32_EIGENVALUE_ERRORS = 10
 #: Rows of K per block built from layer factors (2048 x 2048 float32 = 16 MiB): larger blocks make
 #: fewer, more efficient products. Measured for K at nC = 8192 (MNIST MLP, 2 threads, shared box):
 #: 12.0 CPU s with 512-row blocks, 6.4 with 2048.
@@ -285,23 +287,30 @@ def _refined_float32_eigenpairs(
     The float32 ``syevr`` is backward stable: its eigenvectors span range(K) up to angles of
     about eps_32 ||K|| / w on each eigenvalue w. One step of subspace iteration in float64
     (V <- orth(K V)) shrinks each vector's null-space part by the ratio of the null space's
-    eigenvalues (rounding noise) to w, and a
-    Rayleigh-Ritz step on that span (Parlett, The Symmetric Eigenvalue Problem, SIAM 1998,
-    ch. 11, 14) makes the pairs orthonormal and optimal in it to float64 precision; the refinement
-    costs two nC x nC x r products and a QR. Each pair's residual ||K v - w v|| is then a
-    certificate: w is within it of an eigenvalue of K (Parlett ch. 4). The float32 solve keeps
-    eigenvalues down to half the cutoff, so that one whose float32 value fell just under the cutoff
-    is not lost; the refined values then decide which pairs are kept. If any kept residual exceeds the
-    cutoff (the rounding level below which range(K) is not resolved anyway), None asks for the
-    float64 decomposition instead. Measured on a float32 K of rank 30 (nC = 120): projector onto
-    the range within 2e-9 and eigenvalues within 1e-15 lambda_max of the float64 decomposition's
-    (the float32 solve alone: 7e-5 and 3e-11). At nearly full rank the refinement's r x r
-    eigenproblem and QR cost about what the float32 solve saved (MNIST MLP, nC = 8190, r = 6746:
-    about 290 CPU s of each, on a loaded machine).
+    eigenvalues (rounding noise) to w, and a Rayleigh-Ritz step on that span (Parlett, The
+    Symmetric Eigenvalue Problem, SIAM 1998, ch. 11, 14) makes the pairs orthonormal and optimal
+    in it to float64 precision; the refinement costs two nC x nC x r products and a QR. Each
+    pair's residual ||K v - w v|| is then a certificate: w is within it of an eigenvalue of K
+    (Parlett ch. 4). If any kept residual exceeds the cutoff (the rounding level below which
+    range(K) is not resolved anyway), None asks for the float64 decomposition instead.
+
+    The float32 solve keeps eigenvalues down to 10 eps_32 ||K||_F (at most half the cutoff) below
+    the cutoff, so that one whose float32 value fell just under it is not lost; the refined values
+    decide which are kept. On the MNIST K at nC = 8192 that keeps all 1263 of the float64 solve
+    (without the margin: 1261, and mu_min moved by 4.6e-4 relative); half the cutoff as the margin
+    cost 14 s more. Measured on a float32 K of rank 30 (nC = 120): projector onto the range within
+    2e-9 and eigenvalues within 1e-15 lambda_max of the float64 decomposition's (the float32 solve
+    alone: 7e-5 and 3e-11). At nearly full rank the refinement's r x r eigenproblem and QR cost
+    about what the float32 solve saved (MNIST MLP, nC = 8190, r = 6746: about 290 CPU s of each,
+    on a loaded machine).
     """
-    # Half the cutoff: a float32 eigenvalue is off by about eps_32 ||K||, under half the cutoff,
-    # so every eigenvalue the float64 solve would keep is in the span; the refined values decide.
-    _, single_vectors = _kept_eigenpairs(gram32, cutoff / 2)
+    # A float32 eigenvalue is off by a few eps_32 ||K||_2: with this margin below the cutoff every
+    # eigenvalue the float64 solve would keep is in the span, and the refined values decide.
+    margin = min(
+        cutoff / 2,
+        _FLOAT32_EIGENVALUE_ERRORS * torch.finfo(torch.float32).eps * float(torch.linalg.matrix_norm(gram64)),
+    )
+    _, single_vectors = _kept_eigenpairs(gram32, cutoff - margin)
     if single_vectors.shape[1] == 0:
         return None
     basis = torch.linalg.qr(gram64 @ single_vectors.to(torch.float64)).Q

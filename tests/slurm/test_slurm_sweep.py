@@ -30,11 +30,12 @@ from sgdstab.experiments.runs import ATTEMPTS_FILE
 from sgdstab.io import read_json, read_jsonl
 from sgdstab.sweeps import LocalExecutor, SubmititExecutor, sweep_tasks
 
-# Three short runs and a long one (about 1 ms a step on one core). A preempted job gets USR2
-# within a second of the urgent job's submission: 4000 steps leave it mid-run. SLURM kills a job
-# that `scontrol requeue` restarts max(KillWait, 5) s after its SIGTERM, which submitit ignores:
-# the requeued run needs 20000 steps to be still unfinished by then.
-SHORT = {"batch_size": [4, 8, 16]}, {"lr": 0.05, "max_steps": 4000}
+# Three shorter runs and a long one (about 1 ms a step on one idle core). A preempted job gets
+# USR2 a second or two after the urgent job's submission: 12000 steps leave it mid-run (with
+# 4000, an idle machine once finished a run first, and SLURM requeued the finished job). SLURM
+# kills a job that `scontrol requeue` restarts max(KillWait, 5) s after its SIGTERM, which
+# submitit ignores: the requeued run needs 20000 steps to be still unfinished by then.
+SHORT = {"batch_size": [4, 8, 16]}, {"lr": 0.05, "max_steps": 12000}
 LONG = {"batch_size": [4]}, {"lr": 0.1, "max_steps": 20000}
 FIXED = {"n": 40, "model_args": {"width": 8, "activation": "tanh"}, "loss_goal": None}
 WALL_CLOCK = ("wall_time_s", "resumed_from")
