@@ -251,8 +251,8 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     dropped. Measured with one thread on a 2048 x 2048 K of rank 122 kept: 1.09 s against 2.45 s,
     eigenvalues equal to 1e-15 lambda_max. A K computed in float32 is eigendecomposed in float32
     and refined in float64 (``_refined_float32_eigenpairs``): on the MNIST MLP's K at nC = 8192
-    (rank 1261, 2 idle threads) 38.9 s instead of 58.9 s for the float64 ``syevr``. (torch's
-    float32 ``eigh``, MKL, all eigenvectors, then the same refinement: 54.3 s.)
+    (rank 1263, 2 idle threads) 35.8 s in benchmarks/stability.py, where the float64 ``syevr``
+    took 58.9 s. (torch's float32 ``eigh``, MKL, all eigenvectors, then the same refinement: 54.3 s.)
     """
     size = gram.shape[0]
     if rtol is None:
