@@ -258,9 +258,14 @@ def gram_spectrum(gram: Tensor, num_outputs: int, rtol: float | None = None) -> 
     if rtol is None:
         rtol = math.sqrt(size) * torch.finfo(gram.dtype).eps
     gram64 = gram.to(torch.float64)
-    cutoff = rtol * torch.linalg.matrix_norm(gram64).item()
+    frobenius = torch.linalg.matrix_norm(gram64).item()
+    cutoff = rtol * frobenius
     if gram64.device.type == "cpu" and cutoff > 0:
-        refined = _refined_float32_eigenpairs(gram, gram64, cutoff) if gram.dtype == torch.float32 else None
+        refined = (
+            _refined_float32_eigenpairs(gram, gram64, cutoff, frobenius)
+            if gram.dtype == torch.float32
+            else None
+        )
         values, vectors = refined if refined is not None else _kept_eigenpairs(gram64, cutoff)
     else:
         all_values, all_vectors = torch.linalg.eigh(gram64)
@@ -280,9 +285,11 @@ def _kept_eigenpairs(gram: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
 
 
 def _refined_float32_eigenpairs(
-    gram32: Tensor, gram64: Tensor, cutoff: float
+    gram32: Tensor, gram64: Tensor, cutoff: float, frobenius: float
 ) -> tuple[Tensor, Tensor] | None:
     """The float64 eigenpairs of K above ``cutoff`` from a float32 eigendecomposition, or None.
+
+    ``frobenius`` is ||K||_F, which the cutoff was computed from.
 
     The float32 ``syevr`` is backward stable: its eigenvectors span range(K) up to angles of
     about eps_32 ||K|| / w on each eigenvalue w. One step of subspace iteration in float64
@@ -306,10 +313,7 @@ def _refined_float32_eigenpairs(
     """
     # A float32 eigenvalue is off by a few eps_32 ||K||_2: with this margin below the cutoff every
     # eigenvalue the float64 solve would keep is in the span, and the refined values decide.
-    margin = min(
-        cutoff / 2,
-        _FLOAT32_EIGENVALUE_ERRORS * torch.finfo(torch.float32).eps * float(torch.linalg.matrix_norm(gram64)),
-    )
+    margin = min(cutoff / 2, _FLOAT32_EIGENVALUE_ERRORS * torch.finfo(torch.float32).eps * frobenius)
     _, single_vectors = _kept_eigenpairs(gram32, cutoff - margin)
     if single_vectors.shape[1] == 0:
         return None
